@@ -1,0 +1,1337 @@
+"""
+title: Semantic LoRA Router
+author: Semantic LoRA Router contributors
+version: 0.1.0
+license: Apache-2.0
+description: The model "auto" embeds each chat, picks the vLLM LoRA adapter whose example utterances it matches best (or the base model) and streams the answer straight from vLLM. The base model and every adapter vLLM serves are listed too.
+requirements: semantic-router[fastembed]==1.1.1, pyyaml
+"""
+
+import functools
+import json
+import logging
+import math
+import os
+import re
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import requests
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from requests.adapters import HTTPAdapter
+
+log = logging.getLogger("semantic_lora_router")
+
+AUTO_ID = "auto"
+
+# Only this many characters from each end of a message are embedded. The encoders
+# truncate at 256 to 512 tokens anyway, and tokenizing a 200,000-character paste
+# would cost more than the whole routing decision.
+ROUTING_HEAD_CHARS = 600
+ROUTING_TAIL_CHARS = 600
+
+# Fields that Open WebUI adds to a chat request and that vLLM rejects or ignores.
+# `user` is an OpenAI field, but Open WebUI sends a dict there.
+OPEN_WEBUI_FIELDS = frozenset(
+    {
+        "user",
+        "chat_id",
+        "metadata",
+        "id",
+        "session_id",
+        "message_id",
+        "parent_id",
+        "title",
+        "files",
+        "features",
+        "variables",
+        "model_item",
+        "tool_ids",
+        "tool_servers",
+        "filter_ids",
+        "background_tasks",
+        "params",
+    }
+)
+
+DEFAULT_ROUTES_YAML = """\
+# Default routes for the auto model: the value of the ROUTES valve.
+# Each route sends matching chats to one vLLM model (its target, a LoRA adapter);
+# a chat that matches no route well enough goes to DEFAULT_MODEL (the base model).
+# Fields: name (letters, digits, - and _), target (vLLM model name, defaults to
+# name), threshold (0 to 1, defaults to ROUTER_SCORE_THRESHOLD), utterances.
+routes:
+  - name: doctor
+    target: doctor
+    utterances:
+      - I have had a headache and a fever since yesterday, what should I do?
+      - What are the early symptoms of diabetes?
+      - Is it safe to take ibuprofen together with paracetamol?
+      - My child has a rash and a sore throat, should I see a doctor?
+      - How do I know if a cut on my hand is infected?
+      - What does high blood pressure do to the body over time?
+      - I feel dizzy when I stand up quickly, is that normal?
+      - What is the recommended dose of amoxicillin for an adult?
+      - Can stress cause chest pain?
+      - How long does the flu usually last and when is it contagious?
+      - What are the side effects of statins?
+      - I have a persistent dry cough at night, what could cause it?
+      - How should I treat a sprained ankle at home?
+      - What do my blood test results mean if my cholesterol is high?
+  - name: dcot
+    target: dcot
+    utterances:
+      - Solve 3x + 7 = 22 step by step.
+      - A train leaves at 9:40 and travels 210 km at 70 km/h. When does it arrive?
+      - If a shirt costs 40 dollars after a 20 percent discount, what was the original price?
+      - Think step by step, which number is larger, 2 to the 10th power or 10 cubed?
+      - Alice is older than Bob and Bob is older than Carol. Who is the youngest?
+      - How many ways can 5 people sit in a row of 5 chairs?
+      - Reason through this puzzle and explain each step of your answer.
+      - A tank fills in 6 hours with one pipe and 3 hours with another; how long with both?
+      - What is the probability of rolling two sixes with two dice?
+      - If all bloops are razzies and all razzies are lazzies, are all bloops lazzies?
+      - Work out the compound interest on 1000 dollars at 5 percent for 3 years.
+      - Break this word problem into steps and solve it.
+      - Three friends share a bill of 96 dollars with a 12 percent tip, how much does each pay?
+"""
+
+
+# --- Routes: the ROUTES valve ------------------------------------------------
+
+ROUTE_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+ROUTE_KEYS = ("name", "target", "threshold", "utterances")
+MAX_ROUTES = 64
+MAX_UTTERANCES = 1000
+MAX_UTTERANCE_CHARS = 2000
+
+
+class InvalidRoutes(ValueError):
+    """The ROUTES valve cannot be used; the message names the route and field."""
+
+
+@dataclass(frozen=True)
+class RouteSpec:
+    """One route: chats like `utterances` go to the vLLM model `target`."""
+
+    name: str
+    target: str
+    utterances: tuple[str, ...]
+    threshold: float | None = None
+
+
+def parse_routes(text: str) -> tuple[RouteSpec, ...]:
+    """Parse and check the routes YAML (JSON is valid YAML too).
+
+    The document is either a mapping with a `routes` list or the list itself.
+    Raises InvalidRoutes with a message that names the route and field at fault.
+    """
+    try:
+        document = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        where = ""
+        mark = getattr(exc, "problem_mark", None)
+        if mark is not None:
+            where = f" at line {mark.line + 1}, column {mark.column + 1}"
+        problem = getattr(exc, "problem", None) or "cannot be parsed"
+        raise InvalidRoutes(f"ROUTES is not valid YAML{where}: {problem}") from None
+
+    if isinstance(document, dict) and set(document) == {"routes"}:
+        document = document["routes"]
+    if document is None:
+        raise InvalidRoutes("ROUTES is empty: define at least one route")
+    if not isinstance(document, list):
+        raise InvalidRoutes(
+            "ROUTES must be a list of routes or a mapping with a 'routes' list, "
+            f"got {type(document).__name__}"
+        )
+    if not document:
+        raise InvalidRoutes("ROUTES is empty: define at least one route")
+    if len(document) > MAX_ROUTES:
+        raise InvalidRoutes(f"ROUTES has {len(document)} routes; at most {MAX_ROUTES}")
+
+    routes = tuple(_parse_route(i + 1, item) for i, item in enumerate(document))
+    _check_unique(routes)
+    return routes
+
+
+def _parse_route(position: int, item: Any) -> RouteSpec:
+    label = f"route {position}"
+    if not isinstance(item, dict):
+        raise InvalidRoutes(
+            f"{label}: must be a mapping with name and utterances, "
+            f"got {type(item).__name__}"
+        )
+    unknown = sorted(str(key) for key in item if key not in ROUTE_KEYS)
+    if unknown:
+        raise InvalidRoutes(
+            f"{label}: unknown field {', '.join(unknown)}; "
+            f"allowed are {', '.join(ROUTE_KEYS)}"
+        )
+
+    name = item.get("name")
+    if not isinstance(name, str) or not ROUTE_NAME_PATTERN.match(name):
+        raise InvalidRoutes(
+            f"{label}: 'name' must be 1 to 64 letters, digits, '-' or '_', got {name!r}"
+        )
+    label = f"route {position} ({name})"
+
+    target = item.get("target", name)
+    if not isinstance(target, str) or not target.strip() or " " in target.strip():
+        raise InvalidRoutes(
+            f"{label}: 'target' must be the name of a model that vLLM serves, "
+            f"got {target!r}"
+        )
+
+    threshold = item.get("threshold")
+    if threshold is not None and (
+        isinstance(threshold, bool)
+        or not isinstance(threshold, (int, float))
+        or not 0.0 <= threshold <= 1.0
+    ):
+        raise InvalidRoutes(
+            f"{label}: 'threshold' must be a number from 0 to 1, got {threshold!r}"
+        )
+
+    return RouteSpec(
+        name=name,
+        target=target.strip(),
+        utterances=_parse_utterances(label, item.get("utterances")),
+        threshold=None if threshold is None else float(threshold),
+    )
+
+
+def _parse_utterances(label: str, utterances: Any) -> tuple[str, ...]:
+    if not isinstance(utterances, list) or not utterances:
+        raise InvalidRoutes(f"{label}: 'utterances' must be a non-empty list of text")
+    if len(utterances) > MAX_UTTERANCES:
+        raise InvalidRoutes(
+            f"{label}: 'utterances' has {len(utterances)} entries; "
+            f"at most {MAX_UTTERANCES}"
+        )
+    cleaned: list[str] = []
+    for number, utterance in enumerate(utterances, start=1):
+        if not isinstance(utterance, str) or not utterance.strip():
+            raise InvalidRoutes(
+                f"{label}: utterance {number} must be non-empty text, got {utterance!r}"
+            )
+        if len(utterance) > MAX_UTTERANCE_CHARS:
+            raise InvalidRoutes(
+                f"{label}: utterance {number} is longer than "
+                f"{MAX_UTTERANCE_CHARS} characters"
+            )
+        if utterance.strip() not in cleaned:
+            cleaned.append(utterance.strip())
+    return tuple(cleaned)
+
+
+def _check_unique(routes: tuple[RouteSpec, ...]) -> None:
+    owner: dict[str, str] = {}
+    for route in routes:
+        if route.name in {other.name for other in routes if other is not route}:
+            raise InvalidRoutes(f"route name {route.name!r} is used more than once")
+        for utterance in route.utterances:
+            first = owner.setdefault(utterance, route.name)
+            if first != route.name:
+                raise InvalidRoutes(
+                    f"utterance {utterance!r} is in both route {first} and route "
+                    f"{route.name}; keep it in one"
+                )
+
+
+# --- Valves -------------------------------------------------------------------
+
+
+def _routes_default() -> str:
+    """Read the default ROUTES: env ROUTES, else the file named by ROUTES_FILE."""
+    if os.environ.get("ROUTES"):
+        return os.environ["ROUTES"]
+    path = os.environ.get("ROUTES_FILE")
+    if path:
+        try:
+            with open(path, encoding="utf-8") as file:
+                return file.read()
+        except OSError as exc:
+            log.error(
+                "ROUTES_FILE %s cannot be read (%s); using built-in routes",
+                path,
+                exc.strerror,
+            )
+    return DEFAULT_ROUTES_YAML
+
+
+class Valves(BaseModel):
+    """Settings shown in Open WebUI under Admin > Settings > Pipelines.
+
+    Each field's default comes from the environment variable of the same name.
+    A value that fails validation is rejected before the Pipelines server saves it.
+    """
+
+    # Error messages never echo the input value, so a key typed into the wrong
+    # field cannot reach the server's log.
+    model_config = ConfigDict(hide_input_in_errors=True, extra="ignore")
+
+    VLLM_BASE_URL: str = Field(
+        default="http://vllm:8000/v1",
+        description="vLLM's OpenAI-compatible API, for example http://vllm:8000/v1 "
+        "(/v1 is added when missing).",
+    )
+    VLLM_API_KEY: str = Field(
+        default="",
+        repr=False,
+        description="The key that vLLM was started with (--api-key); empty if none.",
+    )
+    ROUTES: str = Field(
+        default=DEFAULT_ROUTES_YAML,
+        description="Routes as YAML: a list of {name, target, threshold, "
+        "utterances}. target is the vLLM model (adapter) and defaults to name.",
+    )
+    DEFAULT_MODEL: str = Field(
+        default="",
+        description="vLLM model that answers when no route matches; empty means "
+        "vLLM's base model.",
+    )
+    # NOTE: 0.7 is an estimate for bge-small-en-v1.5, whose similarities run high;
+    # it was not measured here because that model cannot be downloaded offline.
+    # all-MiniLM-L6-v2 separates the default routes from small talk at about 0.4.
+    ROUTER_SCORE_THRESHOLD: float = Field(
+        default=0.7,
+        ge=0.0,
+        le=1.0,
+        description="Similarity (0 to 1) a chat needs to take a route that sets "
+        "no threshold of its own. Depends on the encoder: about 0.7 for "
+        "bge-small-en-v1.5, 0.4 for all-MiniLM-L6-v2.",
+    )
+    ROUTER_AGGREGATION: Literal["max", "mean"] = Field(
+        default="max",
+        description="How a route's score combines its utterances' similarities: "
+        "max (the closest utterance) or mean.",
+    )
+    ENCODER_MODEL: str = Field(
+        default="BAAI/bge-small-en-v1.5",
+        description="fastembed embedding model used for routing.",
+    )
+    ENCODER_LOCAL_DIR: str = Field(
+        default="",
+        description="Folder with the encoder on local disk, for sites without "
+        "internet: either the model's ONNX and tokenizer files, or a fastembed "
+        "cache folder. Empty downloads the model on first use.",
+    )
+    ROUTING_USER_TURNS: int = Field(
+        default=3,
+        ge=1,
+        le=20,
+        description="How many recent user messages routing reads. The last "
+        "message decides alone when it matches a route; otherwise the recent "
+        "ones together decide, so short follow-ups keep the conversation's route.",
+    )
+    SHOW_ROUTING_STATUS: bool = Field(
+        default=True,
+        description="Show above each answer of auto which model answered and why.",
+    )
+    VLLM_CONNECT_TIMEOUT: float = Field(
+        default=5.0,
+        gt=0,
+        le=600,
+        description="Seconds to wait for a connection to vLLM.",
+    )
+    VLLM_READ_TIMEOUT: float = Field(
+        default=300.0,
+        gt=0,
+        le=3600,
+        description="Seconds to wait for vLLM's next bytes (first token included).",
+    )
+    MODEL_LIST_TTL: float = Field(
+        default=60.0,
+        ge=1,
+        le=86400,
+        description="Seconds before the list of vLLM's models is read again.",
+    )
+
+    @field_validator("VLLM_BASE_URL")
+    @classmethod
+    def _check_base_url(cls, value: str) -> str:
+        value = value.strip().rstrip("/")
+        if not re.match(r"^https?://[^/\s]+", value):
+            raise ValueError(
+                "VLLM_BASE_URL must start with http:// or https:// and name a "
+                "host, for example http://vllm:8000/v1"
+            )
+        if not value.endswith("/v1"):
+            value += "/v1"
+        return value
+
+    @field_validator("ROUTES")
+    @classmethod
+    def _check_routes(cls, value: str) -> str:
+        parse_routes(value)
+        return value
+
+    @field_validator("ENCODER_MODEL")
+    @classmethod
+    def _check_encoder_model(cls, value: str) -> str:
+        value = value.strip()
+        supported = supported_encoders()
+        if supported and value not in supported:
+            raise ValueError(
+                f"ENCODER_MODEL {value!r} is not a fastembed text model; "
+                "see fastembed's TextEmbedding.list_supported_models()"
+            )
+        return value
+
+    @field_validator("ENCODER_LOCAL_DIR")
+    @classmethod
+    def _check_encoder_dir(cls, value: str) -> str:
+        value = value.strip()
+        if value and not os.path.isdir(value):
+            raise ValueError(f"ENCODER_LOCAL_DIR {value!r} is not a folder")
+        return value
+
+    @field_validator("DEFAULT_MODEL")
+    @classmethod
+    def _strip(cls, value: str) -> str:
+        return value.strip()
+
+
+@functools.lru_cache(maxsize=1)
+def supported_encoders() -> frozenset[str]:
+    """Return fastembed's text model names, or nothing if fastembed is missing."""
+    try:
+        from fastembed import TextEmbedding
+    except ImportError:
+        return frozenset()
+    return frozenset(m["model"] for m in TextEmbedding.list_supported_models())
+
+
+def valves_from_env() -> Valves:
+    """Build the valves from environment variables of the same names.
+
+    A variable with an invalid value is logged and left at its built-in default,
+    so one typo cannot stop the plugin from loading.
+    """
+    values: dict[str, Any] = {"ROUTES": _routes_default()}
+    for name in Valves.model_fields:
+        if name != "ROUTES" and name in os.environ:
+            values[name] = os.environ[name]
+
+    good: dict[str, Any] = {}
+    for name, value in values.items():
+        try:
+            Valves.model_validate({name: value})
+        except ValidationError as exc:
+            reason = exc.errors()[0]["msg"]
+            log.error(
+                "environment variable %s is invalid and ignored: %s", name, reason
+            )
+            continue
+        good[name] = value
+    return Valves.model_validate(good)
+
+
+# --- Messages: what routing reads ---------------------------------------------
+
+
+def message_text(content: Any) -> str:
+    """Return the text of a message's content: a string or a list of parts.
+
+    Image and other non-text parts are skipped, so an image-only message has none.
+    """
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        texts = [
+            part["text"]
+            for part in content
+            if isinstance(part, dict)
+            and part.get("type") == "text"
+            and isinstance(part.get("text"), str)
+        ]
+        return "\n".join(texts)
+    return ""
+
+
+def clip_for_routing(text: str) -> str:
+    """Keep the head and tail of a long message: routing reads a bounded part."""
+    text = text.strip()
+    if len(text) <= ROUTING_HEAD_CHARS + ROUTING_TAIL_CHARS:
+        return text
+    return f"{text[:ROUTING_HEAD_CHARS]} ... {text[-ROUTING_TAIL_CHARS:]}"
+
+
+def recent_user_texts(messages: Any, turns: int) -> list[str]:
+    """Return the text of the last `turns` user messages, oldest first.
+
+    The last entry is the current message; it is empty when that message has no
+    text (an image, say). Assistant, system and tool messages are not routed on:
+    the question is in what the user wrote.
+    """
+    if not isinstance(messages, list):
+        return []
+    texts: list[str] = []
+    for message in reversed(messages):
+        if len(texts) == turns:
+            break
+        if isinstance(message, dict) and message.get("role") == "user":
+            texts.append(clip_for_routing(message_text(message.get("content"))))
+    texts.reverse()
+    return texts
+
+
+# --- Router: semantic-router with a local fastembed encoder -------------------
+
+
+class RouterUnavailable(Exception):
+    """The encoder or router could not be built; auto cannot route."""
+
+
+@dataclass(frozen=True)
+class RouteDecision:
+    """Where auto sends a chat, and the scores behind it.
+
+    `route` is None when no route passed its threshold; `best` and `score` still
+    name the closest route, so the log shows how near it came.
+    """
+
+    route: RouteSpec | None
+    best: str | None
+    score: float
+    threshold: float
+    runner_up: str | None
+    runner_up_score: float
+    elapsed_ms: float
+    basis: str  # "message", "conversation" or "no text"
+
+
+_encoders: dict[tuple[str, str], Any] = {}
+_encoders_lock = threading.Lock()
+
+
+def load_encoder(model: str, local_dir: str) -> Any:
+    """Load a fastembed encoder once per (model, folder); later calls reuse it.
+
+    A folder that holds ONNX files is used as the model itself; any other folder
+    is fastembed's cache, where the model is downloaded if it is not there yet.
+    """
+    key = (model, local_dir)
+    with _encoders_lock:
+        if key in _encoders:
+            return _encoders[key]
+        try:
+            from semantic_router.encoders import FastEmbedEncoder
+        except ImportError as exc:
+            raise RouterUnavailable(
+                f"semantic-router with fastembed is not installed ({exc}); "
+                "run pip install 'semantic-router[fastembed]==1.1.1'"
+            ) from None
+
+        class LocalFastEmbedEncoder(FastEmbedEncoder):
+            model_path: str | None = None
+
+            def _initialize_client(self) -> Any:
+                if not self.model_path:
+                    return super()._initialize_client()
+                from fastembed import TextEmbedding
+
+                return TextEmbedding(
+                    model_name=self.name, specific_model_path=self.model_path
+                )
+
+        has_onnx = bool(local_dir) and any(
+            name.endswith(".onnx") for name in os.listdir(local_dir)
+        )
+        try:
+            encoder = LocalFastEmbedEncoder(
+                name=model,
+                model_path=local_dir if has_onnx else None,
+                cache_dir=(local_dir or None) if not has_onnx else None,
+            )
+        except Exception as exc:  # noqa: BLE001 - fastembed raises many kinds
+            where = f"from {local_dir}" if local_dir else "(download)"
+            raise RouterUnavailable(
+                f"the encoder {model} could not be loaded {where}: "
+                f"{type(exc).__name__}: {str(exc)[:200]}. Check the ENCODER_MODEL "
+                "and ENCODER_LOCAL_DIR valves"
+            ) from None
+        _encoders[key] = encoder
+        return encoder
+
+
+class SemanticRouting:
+    """A built router for one set of routes; never changed after it is built.
+
+    Thresholds are applied here, not by semantic-router, so a valves update that
+    changes only thresholds reuses the embedded utterances.
+    """
+
+    def __init__(
+        self,
+        routes: tuple[RouteSpec, ...],
+        index_router: Any,
+        index_key: tuple[Any, ...],
+        default_threshold: float,
+        user_turns: int,
+    ) -> None:
+        self.routes = {route.name: route for route in routes}
+        self.index_router = index_router
+        self.index_key = index_key
+        self.default_threshold = default_threshold
+        self.user_turns = user_turns
+
+    @classmethod
+    def build(
+        cls, valves: Valves, previous: "SemanticRouting | None"
+    ) -> "SemanticRouting":
+        """Build a router for `valves`, reusing `previous`'s index where it fits."""
+        routes = parse_routes(valves.ROUTES)
+        encoder = load_encoder(valves.ENCODER_MODEL, valves.ENCODER_LOCAL_DIR)
+        index_key = (
+            id(encoder),
+            valves.ROUTER_AGGREGATION,
+            tuple((route.name, route.utterances) for route in routes),
+        )
+        if previous is not None and previous.index_key == index_key:
+            index_router = previous.index_router
+        else:
+            index_router = _build_index_router(
+                routes, encoder, valves.ROUTER_AGGREGATION
+            )
+        return cls(
+            routes,
+            index_router,
+            index_key,
+            valves.ROUTER_SCORE_THRESHOLD,
+            valves.ROUTING_USER_TURNS,
+        )
+
+    def threshold(self, name: str) -> float:
+        route = self.routes[name]
+        return self.default_threshold if route.threshold is None else route.threshold
+
+    def scores(self, text: str) -> list[tuple[str, float]]:
+        """Return every route's score for `text`, best first."""
+        choices = self.index_router(text, limit=None, threshold=-math.inf)
+        return [(choice.name, float(choice.confidence)) for choice in choices]
+
+    def decide(self, messages: Any) -> RouteDecision:
+        """Choose a route for a chat, or none.
+
+        The last user message decides when a route passes its threshold on it.
+        Otherwise the recent user messages together decide, so a short follow-up
+        ("and how much can I give her?") stays with the conversation's route.
+        """
+        started = time.perf_counter()
+        texts = recent_user_texts(messages, self.user_turns)
+        current = texts[-1] if texts else ""
+        conversation = "\n".join(text for text in texts if text)
+
+        ranked: list[tuple[str, float]] = []
+        basis = "no text"
+        if current:
+            ranked, basis = self.scores(current), "message"
+        if conversation and conversation != current and not self._passes(ranked):
+            joined = self.scores(conversation)
+            if self._passes(joined) or not ranked:
+                ranked, basis = joined, "conversation"
+
+        best, score = ranked[0] if ranked else (None, 0.0)
+        runner_up, runner_up_score = ranked[1] if len(ranked) > 1 else (None, 0.0)
+        return RouteDecision(
+            route=self.routes[best] if best and self._passes(ranked) else None,
+            best=best,
+            score=score,
+            threshold=self.threshold(best) if best else self.default_threshold,
+            runner_up=runner_up,
+            runner_up_score=runner_up_score,
+            elapsed_ms=(time.perf_counter() - started) * 1000,
+            basis=basis,
+        )
+
+    def _passes(self, ranked: list[tuple[str, float]]) -> bool:
+        return bool(ranked) and ranked[0][1] >= self.threshold(ranked[0][0])
+
+
+def _build_index_router(
+    routes: tuple[RouteSpec, ...], encoder: Any, aggregation: Literal["max", "mean"]
+) -> Any:
+    from semantic_router import IndexedRouter, Route
+
+    total = sum(len(route.utterances) for route in routes)
+    try:
+        return IndexedRouter(
+            encoder=encoder,
+            routes=[Route(name=r.name, utterances=list(r.utterances)) for r in routes],
+            # Every utterance is a hit, so every route gets a score and the log can
+            # name the runner-up.
+            top_k=total,
+            aggregation=aggregation,
+        )
+    except Exception as exc:  # noqa: BLE001 - any encoder failure means no router
+        raise RouterUnavailable(
+            f"the router could not embed the routes' utterances: "
+            f"{type(exc).__name__}: {str(exc)[:200]}"
+        ) from None
+
+
+# --- vLLM client ----------------------------------------------------------------
+
+
+class UpstreamError(Exception):
+    """A request to vLLM failed; str() is a sentence for the chat user."""
+
+    status_code = 502
+
+
+class UpstreamUnavailable(UpstreamError):
+    pass
+
+
+class UpstreamTimeout(UpstreamError):
+    status_code = 504
+
+
+class UpstreamHTTPError(UpstreamError):
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+        self.status_code = status if 400 <= status < 500 else 502
+
+
+class UnknownModel(UpstreamHTTPError):
+    """vLLM answered 404: it does not serve the requested model."""
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """A model that vLLM serves, under the id this manifold offers for it."""
+
+    id: str
+    name: str
+    parent: str | None
+
+
+class VllmClient:
+    """One pooled HTTP session to vLLM's OpenAI-compatible API."""
+
+    def __init__(
+        self, base_url: str, api_key: str, connect_timeout: float, read_timeout: float
+    ) -> None:
+        self.base_url = base_url
+        self.timeout = (connect_timeout, read_timeout)
+        self.session = requests.Session()
+        adapter = HTTPAdapter(pool_connections=2, pool_maxsize=128, max_retries=0)
+        self.session.mount("http://", adapter)
+        self.session.mount("https://", adapter)
+        self.session.headers["Content-Type"] = "application/json"
+        if api_key:
+            self.session.headers["Authorization"] = f"Bearer {api_key}"
+
+    def __repr__(self) -> str:
+        return f"VllmClient({self.base_url!r})"
+
+    def close(self) -> None:
+        self.session.close()
+
+    def list_models(self) -> list[dict[str, Any]]:
+        response = self._send("GET", "/models", stream=False)
+        try:
+            data = response.json()["data"]
+        except (ValueError, KeyError, TypeError):
+            raise UpstreamError(
+                f"{self.base_url}/models did not return an OpenAI model list; "
+                "check that VLLM_BASE_URL points at vLLM"
+            ) from None
+        return [entry for entry in data if isinstance(entry, dict) and "id" in entry]
+
+    def chat(self, payload: dict[str, Any], stream: bool) -> requests.Response:
+        return self._send("POST", "/chat/completions", stream=stream, payload=payload)
+
+    def _send(
+        self,
+        method: str,
+        path: str,
+        stream: bool,
+        payload: dict[str, Any] | None = None,
+    ) -> requests.Response:
+        url = self.base_url + path
+        try:
+            response = self.session.request(
+                method,
+                url,
+                data=None if payload is None else json.dumps(payload),
+                stream=stream,
+                timeout=self.timeout,
+            )
+        except requests.ConnectTimeout:
+            raise UpstreamTimeout(
+                f"vLLM at {self.base_url} did not accept a connection within "
+                f"{self.timeout[0]:g} s; check that it is running and "
+                "VLLM_BASE_URL is right"
+            ) from None
+        except requests.ReadTimeout:
+            raise UpstreamTimeout(
+                f"vLLM at {self.base_url} sent nothing for {self.timeout[1]:g} s; "
+                "it may be overloaded (VLLM_READ_TIMEOUT sets the limit)"
+            ) from None
+        except requests.RequestException as exc:
+            raise UpstreamUnavailable(
+                f"vLLM at {self.base_url} could not be reached "
+                f"({_connection_reason(exc)}); check that it is running and "
+                "VLLM_BASE_URL is right"
+            ) from None
+
+        if response.status_code >= 400:
+            detail = upstream_error_detail(response)
+            response.close()
+            error_type = (
+                UnknownModel if response.status_code == 404 else UpstreamHTTPError
+            )
+            raise error_type(
+                f"vLLM returned HTTP {response.status_code}: {detail}",
+                response.status_code,
+            )
+        return response
+
+
+def _connection_reason(exc: requests.RequestException) -> str:
+    text = str(exc)
+    for reason in (
+        "Connection refused",
+        "Name or service not known",
+        "No route to host",
+        "Temporary failure in name resolution",
+        "Connection reset",
+        "Remote end closed",
+    ):
+        if reason.lower() in text.lower():
+            return reason.lower()
+    return type(exc).__name__
+
+
+def upstream_error_detail(response: requests.Response) -> str:
+    """Return vLLM's error message: {"error": {"message"}} or a flat body."""
+    try:
+        body = response.json()
+    except ValueError:
+        return response.text.strip()[:300] or response.reason or "no details"
+    if isinstance(body, dict):
+        error = body.get("error", body)
+        if isinstance(error, dict):
+            message = error.get("message") or error.get("detail")
+            if message:
+                return str(message)[:300]
+        elif isinstance(error, str):
+            return error[:300]
+        if isinstance(body.get("detail"), str):
+            return body["detail"][:300]
+    return json.dumps(body)[:300]
+
+
+# --- Models offered: auto, the base model and every adapter -------------------
+
+
+def model_sub_id(name: str, taken: set[str]) -> str:
+    """Return an id for a vLLM model name that Pipelines can route.
+
+    Pipelines cannot route ids that contain '/', and 'auto' is ours, so other
+    characters become '-' and clashes get a numeric suffix.
+    """
+    base = re.sub(r"[^A-Za-z0-9_.-]+", "--", name).strip("-.") or "model"
+    candidate, number = base, 2
+    while candidate in taken or candidate == AUTO_ID:
+        candidate, number = f"{base}-{number}", number + 1
+    return candidate
+
+
+def served_models(entries: list[dict[str, Any]]) -> list[ServedModel]:
+    """Map vLLM's /v1/models entries to models with manifold ids, base first."""
+    base = [e for e in entries if not e.get("parent")]
+    adapters = [e for e in entries if e.get("parent")]
+    taken: set[str] = set()
+    models = []
+    for entry in base + adapters:
+        sub_id = model_sub_id(str(entry["id"]), taken)
+        taken.add(sub_id)
+        models.append(ServedModel(sub_id, str(entry["id"]), entry.get("parent")))
+    return models
+
+
+class ModelCatalog:
+    """The models vLLM serves, read at start, after valves change and when stale."""
+
+    def __init__(self) -> None:
+        self.models: list[ServedModel] = []
+        self.fetched_at = 0.0
+        self.error: str | None = "not read yet"
+        self._lock = threading.Lock()
+        self._refreshing = False
+
+    def refresh(self, client: VllmClient) -> None:
+        try:
+            models = served_models(client.list_models())
+        except UpstreamError as exc:
+            if self.error is None:
+                log.warning("model list not refreshed: %s", exc)
+            self.error = str(exc)
+        else:
+            if [m.name for m in models] != [m.name for m in self.models]:
+                log.info(
+                    "vLLM at %s serves %s",
+                    client.base_url,
+                    ", ".join(m.name for m in models),
+                )
+            self.models, self.error = models, None
+        self.fetched_at = time.monotonic()
+
+    def is_stale(self, ttl: float) -> bool:
+        # After a failure, retry sooner: vLLM may still be loading.
+        age = time.monotonic() - self.fetched_at
+        return age >= (min(ttl, 5.0) if self.error else ttl)
+
+    def refresh_in_background(self, client: VllmClient) -> None:
+        with self._lock:
+            if self._refreshing:
+                return
+            self._refreshing = True
+
+        def run() -> None:
+            try:
+                self.refresh(client)
+            finally:
+                self._refreshing = False
+
+        threading.Thread(target=run, name="vllm-model-list", daemon=True).start()
+
+    def serves(self, name: str, client: VllmClient | None) -> bool:
+        """Tell whether vLLM serves `name`, reading the list again if it is not fresh.
+
+        An unknown list (vLLM unreachable) counts as serving: the request itself
+        then reports what is wrong.
+        """
+        if name in self.names() or not self.models:
+            return True
+        if client is not None and time.monotonic() - self.fetched_at > 2.0:
+            self.refresh(client)
+        return name in self.names() or not self.models
+
+    def by_id(self, sub_id: str) -> ServedModel | None:
+        return next((m for m in self.models if m.id == sub_id), None)
+
+    def names(self) -> list[str]:
+        return [m.name for m in self.models]
+
+    def base_name(self) -> str | None:
+        return next((m.name for m in self.models if not m.parent), None)
+
+
+# --- Streaming: pass vLLM's SSE lines through ---------------------------------
+
+
+def completion_chunk(model: str, content: str | None, finish: str | None) -> str:
+    """Return one SSE line in vLLM's chat.completion.chunk format."""
+    delta: dict[str, Any] = (
+        {} if content is None else {"role": "assistant", "content": content}
+    )
+    chunk = {
+        "id": f"chatcmpl-{uuid.uuid4().hex}",
+        "object": "chat.completion.chunk",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [
+            {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+        ],
+    }
+    return "data: " + json.dumps(chunk, ensure_ascii=False)
+
+
+def status_event(description: str, done: bool = True) -> dict[str, Any]:
+    """Return an Open WebUI status event, shown above the answer."""
+    return {
+        "event": {"type": "status", "data": {"description": description, "done": done}}
+    }
+
+
+def message_stream(model: str, text: str, events: list[dict[str, Any]]) -> "SSEStream":
+    """Return a whole stream that carries one message: for errors and notes."""
+    lines: list[Any] = [
+        *events,
+        completion_chunk(model, text, None),
+        completion_chunk(model, None, "stop"),
+        "data: [DONE]",
+    ]
+    return SSEStream(iter(lines))
+
+
+class SSEStream(Iterator[Any]):
+    """The stream handed to the Pipelines server: an iterator, not a generator.
+
+    The server appends its own finish chunk and [DONE] to a generator's output;
+    vLLM's stream already ends with both, so the client would see two of each.
+    """
+
+    def __init__(self, lines: Iterator[Any]) -> None:
+        self._lines = lines
+
+    def __next__(self) -> Any:
+        return next(self._lines)
+
+    def close(self) -> None:
+        close = getattr(self._lines, "close", None)
+        if close:
+            close()
+
+
+def relay_vllm_stream(
+    response: requests.Response,
+    model: str,
+    events: list[dict[str, Any]],
+    request_id: str,
+) -> Iterator[Any]:
+    """Yield Open WebUI events, then vLLM's SSE lines as they arrive.
+
+    Lines are split on raw bytes and decoded whole, so a character whose bytes
+    vLLM's stream splits across network reads arrives intact. A stream that ends
+    without [DONE] gets a note saying it was cut, then a finish and [DONE].
+    """
+    yield from events
+    done = False
+    buffer = b""
+    try:
+        for chunk in response.iter_content(chunk_size=None):
+            buffer += chunk
+            while not done and (end := buffer.find(b"\n")) >= 0:
+                line, buffer = buffer[:end].rstrip(b"\r"), buffer[end + 1 :]
+                if not line.startswith(b"data:"):
+                    continue  # blank separators, comments and other SSE fields
+                if line[5:].strip() == b"[DONE]":
+                    done = True
+                    # The client is finished here. The loop goes on only to read
+                    # the end of the body, so the connection returns to the pool.
+                yield line.decode("utf-8", errors="replace")
+    except requests.RequestException as exc:
+        log.warning(
+            "request %s: stream from vLLM broke: %s", request_id, type(exc).__name__
+        )
+    finally:
+        response.close()
+
+    if not done:
+        yield completion_chunk(
+            model, "\n\n[The answer from vLLM was cut off before it finished.]", None
+        )
+        yield completion_chunk(model, None, "stop")
+        yield "data: [DONE]"
+
+
+# --- Request handling ---------------------------------------------------------
+
+
+@dataclass
+class Plan:
+    """Which vLLM model gets a request, and what the user is told about it."""
+
+    model: str
+    events: list[dict[str, Any]]
+    fallback: str | None = None  # the default model, if `model` turns out missing
+    note: str | None = None
+
+
+def upstream_payload(body: dict[str, Any], model: str) -> dict[str, Any]:
+    """Return the request for vLLM: the client's body for `model`, less Open WebUI's fields."""
+    payload = {k: v for k, v in body.items() if k not in OPEN_WEBUI_FIELDS}
+    payload["model"] = model
+    return payload
+
+
+def describe_decision(decision: RouteDecision, model: str) -> str:
+    """Return the status line for a routing decision, e.g. "doctor, score 0.71"."""
+    if decision.route is not None:
+        route = (
+            "" if decision.route.name == model else f" (route {decision.route.name})"
+        )
+        how = ", from the conversation" if decision.basis == "conversation" else ""
+        return f"{model}{route}, score {decision.score:.2f}{how}"
+    if decision.best is None:
+        return f"{model}, no text to route"
+    return (
+        f"{model}, no route matched (best {decision.best} {decision.score:.2f} "
+        f"< {decision.threshold:.2f})"
+    )
+
+
+class Pipeline:
+    """The manifold: auto, vLLM's base model and each of its LoRA adapters."""
+
+    Valves = Valves
+
+    def __init__(self) -> None:
+        self.type = "manifold"
+        self.id = "semantic_lora_router"
+        self.name = ""
+        self.valves = valves_from_env()
+        self.catalog = ModelCatalog()
+        self.client: VllmClient | None = None
+        self.routing: SemanticRouting | None = None
+        self.routing_error: str | None = "the router is not built yet"
+        self._applied: Valves | None = None
+        self._apply_lock = threading.Lock()
+
+    # Hooks called by the Pipelines server.
+
+    async def on_startup(self) -> None:
+        import asyncio
+
+        await asyncio.to_thread(self.apply_valves)
+
+    async def on_shutdown(self) -> None:
+        if self.client is not None:
+            self.client.close()
+
+    async def on_valves_updated(self) -> None:
+        import asyncio
+
+        await asyncio.to_thread(self.apply_valves)
+
+    def pipelines(self) -> list[dict[str, str]]:
+        """List the models offered; called by the server on every request."""
+        if self.client is not None and self.catalog.is_stale(
+            self.valves.MODEL_LIST_TTL
+        ):
+            self.catalog.refresh_in_background(self.client)
+        offered = [{"id": AUTO_ID, "name": AUTO_ID}]
+        offered += [{"id": m.id, "name": m.name} for m in self.catalog.models]
+        return offered
+
+    def apply_valves(self) -> None:
+        """Make the current valves take effect: client, model list and router.
+
+        The Pipelines server does not call on_valves_updated for valves it loads
+        from disk at start, and pipe() may run before a hook does, so every entry
+        point calls this; it does the work once per valves object. The new router
+        is swapped in whole, so a request never meets a half-built one. When it
+        cannot be built, auto answers with the reason until the valves are fixed.
+        """
+        valves = self.valves
+        if valves is self._applied:
+            return
+        with self._apply_lock:
+            if valves is self._applied:
+                return
+            previous = self._applied
+            if previous is None or _client_settings(previous) != _client_settings(
+                valves
+            ):
+                old_client = self.client
+                self.client = VllmClient(
+                    valves.VLLM_BASE_URL,
+                    valves.VLLM_API_KEY,
+                    valves.VLLM_CONNECT_TIMEOUT,
+                    valves.VLLM_READ_TIMEOUT,
+                )
+                if old_client is not None:
+                    old_client.close()
+            self.catalog.refresh(self.client)  # type: ignore[arg-type]
+
+            started = time.perf_counter()
+            try:
+                self.routing = SemanticRouting.build(valves, self.routing)
+                self.routing_error = None
+                log.info(
+                    "router ready: %d routes, encoder %s, %.0f ms",
+                    len(self.routing.routes),
+                    valves.ENCODER_MODEL,
+                    (time.perf_counter() - started) * 1000,
+                )
+            except (RouterUnavailable, InvalidRoutes) as exc:
+                self.routing, self.routing_error = None, str(exc)
+                log.error("router not available: %s", exc)
+            self._applied = valves
+
+    # Chat requests.
+
+    def pipe(
+        self,
+        user_message: str | None,
+        model_id: str,
+        messages: list[dict[str, Any]],
+        body: dict[str, Any],
+    ) -> Any:
+        """Answer one chat request.
+
+        Streaming returns an SSEStream that ends with exactly one [DONE], and every
+        failure becomes a message in that stream. Non-streaming returns vLLM's JSON
+        or raises fastapi's HTTPException with the message, which the server turns
+        into an HTTP error response.
+        """
+        request_id = uuid.uuid4().hex[:8]
+        stream = body.get("stream", True) is not False
+        try:
+            self.apply_valves()
+            plan = self.plan(request_id, model_id, body)
+        except UpstreamError as exc:
+            return self._failure(
+                request_id, model_id, str(exc), exc.status_code, stream
+            )
+        except RouterUnavailable as exc:
+            return self._failure(request_id, model_id, str(exc), 503, stream)
+        except Exception:
+            log.exception("request %s: unexpected error", request_id)
+            return self._failure(
+                request_id,
+                model_id,
+                f"The router failed unexpectedly (request {request_id}); "
+                "the Pipelines server log has the details.",
+                500,
+                stream,
+            )
+        if stream:
+            return self._stream(request_id, body, plan)
+        return self._complete(request_id, body, plan)
+
+    def plan(self, request_id: str, model_id: str, body: dict[str, Any]) -> Plan:
+        if model_id != AUTO_ID:
+            return Plan(self.resolve_model(model_id), events=[])
+
+        default = self.default_model()
+        metadata = body.get("metadata")
+        if isinstance(metadata, dict) and metadata.get("task"):
+            # Titles, tags and follow-ups that Open WebUI asks for in the background.
+            return Plan(default, events=[])
+
+        if self.routing is None:
+            raise RouterUnavailable(f"auto cannot route: {self.routing_error}")
+        decision = self.routing.decide(body.get("messages"))
+        model = decision.route.target if decision.route else default
+        log.info(
+            "request %s: target=%s route=%s best=%s:%.3f threshold=%.2f "
+            "runner_up=%s:%.3f basis=%s ms=%.1f",
+            request_id,
+            model,
+            decision.route.name if decision.route else None,
+            decision.best,
+            decision.score,
+            decision.threshold,
+            decision.runner_up,
+            decision.runner_up_score,
+            decision.basis,
+            decision.elapsed_ms,
+        )
+        events = []
+        if self.valves.SHOW_ROUTING_STATUS:
+            events.append(status_event(describe_decision(decision, model)))
+
+        if model != default and not self.catalog.serves(model, self.client):
+            note = self.missing_note(model, default)
+            log.warning("request %s: %s", request_id, note)
+            return Plan(default, [status_event(note)], note=note)
+        return Plan(model, events, fallback=default if model != default else None)
+
+    def default_model(self) -> str:
+        if self.valves.DEFAULT_MODEL:
+            return self.valves.DEFAULT_MODEL
+        base = self.catalog.base_name()
+        if base is None:
+            self.catalog.refresh(self.client)  # type: ignore[arg-type]
+            base = self.catalog.base_name()
+        if base is None:
+            raise UpstreamUnavailable(
+                f"the base model is unknown because {self.catalog.error}"
+            )
+        return base
+
+    def resolve_model(self, model_id: str) -> str:
+        served = self.catalog.by_id(model_id)
+        if served is None:
+            self.catalog.refresh(self.client)  # type: ignore[arg-type]
+            served = self.catalog.by_id(model_id)
+        if served is None:
+            raise UnknownModel(
+                f"model {model_id} is not served by vLLM at {self.valves.VLLM_BASE_URL}"
+                f" (it serves {', '.join(self.catalog.names()) or 'nothing right now'})",
+                404,
+            )
+        return served.name
+
+    def missing_note(self, model: str, default: str) -> str:
+        return (
+            f"{model} is not served by vLLM at {self.valves.VLLM_BASE_URL}, so "
+            f"{default} answered. Register it with --lora-modules or fix the route's "
+            "target."
+        )
+
+    def _open(
+        self, request_id: str, body: dict[str, Any], plan: Plan, stream: bool
+    ) -> requests.Response:
+        """Send the request to vLLM; on a 404 for a routed adapter, use the default."""
+        assert self.client is not None
+        try:
+            return self.client.chat(upstream_payload(body, plan.model), stream)
+        except UnknownModel:
+            if plan.fallback is None:
+                raise
+        plan.note = self.missing_note(plan.model, plan.fallback)
+        log.warning("request %s: %s", request_id, plan.note)
+        plan.events = [status_event(plan.note)]
+        plan.model = plan.fallback
+        self.catalog.refresh_in_background(self.client)
+        return self.client.chat(upstream_payload(body, plan.model), stream)
+
+    def _stream(self, request_id: str, body: dict[str, Any], plan: Plan) -> "SSEStream":
+        try:
+            response = self._open(request_id, body, plan, stream=True)
+        except UpstreamError as exc:
+            log.warning("request %s: %s", request_id, exc)
+            return message_stream(plan.model, str(exc), plan.events)
+        return SSEStream(
+            relay_vllm_stream(response, plan.model, plan.events, request_id)
+        )
+
+    def _complete(self, request_id: str, body: dict[str, Any], plan: Plan) -> Any:
+        try:
+            response = self._open(request_id, body, plan, stream=False)
+            result = response.json()
+        except UpstreamError as exc:
+            return self._failure(
+                request_id, plan.model, str(exc), exc.status_code, stream=False
+            )
+        except ValueError:
+            return self._failure(
+                request_id,
+                plan.model,
+                "vLLM returned a response that is not JSON",
+                502,
+                stream=False,
+            )
+        if plan.note and isinstance(result, dict):
+            for choice in result.get("choices") or []:
+                message = choice.get("message") if isinstance(choice, dict) else None
+                if isinstance(message, dict) and isinstance(
+                    message.get("content"), str
+                ):
+                    message["content"] = f"({plan.note})\n\n{message['content']}"
+        return result
+
+    def _failure(
+        self, request_id: str, model: str, text: str, status: int, stream: bool
+    ) -> Any:
+        log.warning("request %s: %s", request_id, text)
+        if stream:
+            return message_stream(model, text, [])
+        try:
+            from fastapi import HTTPException
+        except ImportError:
+            return {"error": {"message": text, "code": status}}
+        raise HTTPException(status_code=status, detail=text)
+
+
+def _client_settings(valves: Valves) -> tuple[Any, ...]:
+    return (
+        valves.VLLM_BASE_URL,
+        valves.VLLM_API_KEY,
+        valves.VLLM_CONNECT_TIMEOUT,
+        valves.VLLM_READ_TIMEOUT,
+    )
