@@ -1,0 +1,102 @@
+"""Helpers for live tests: chat through the Pipelines server, parse its stream."""
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import requests
+
+PIPELINE_ID = "semantic_lora_router"
+AUTO = f"{PIPELINE_ID}.auto"
+TEST_ENCODER = "sentence-transformers/all-MiniLM-L6-v2"
+# all-MiniLM-L6-v2 separates the default routes from small talk at about 0.4.
+TEST_THRESHOLD = "0.4"
+
+MEDICAL = "What is a safe daily dose of vitamin D for an adult?"
+MATH = "Solve 3x + 7 = 22 step by step"
+SMALL_TALK = "Hello, how are you today?"
+
+
+def user(text: Any) -> list[dict[str, Any]]:
+    return [{"role": "user", "content": text}]
+
+
+@dataclass
+class StreamResult:
+    """What a client saw in one streamed chat response."""
+
+    status_code: int
+    events: list[dict[str, Any]] = field(default_factory=list)
+    chunks: list[dict[str, Any]] = field(default_factory=list)
+    done_count: int = 0
+    raw: str = ""
+
+    @property
+    def text(self) -> str:
+        return "".join(
+            choice.get("delta", {}).get("content") or ""
+            for chunk in self.chunks
+            for choice in chunk.get("choices", [])
+        )
+
+    @property
+    def models(self) -> set[str]:
+        return {chunk["model"] for chunk in self.chunks if "model" in chunk}
+
+    @property
+    def finish_reasons(self) -> list[str]:
+        return [
+            choice["finish_reason"]
+            for chunk in self.chunks
+            for choice in chunk.get("choices", [])
+            if choice.get("finish_reason")
+        ]
+
+    @property
+    def statuses(self) -> list[str]:
+        return [
+            event["event"]["data"]["description"]
+            for event in self.events
+            if event.get("event", {}).get("type") == "status"
+        ]
+
+
+def stream_chat(
+    base_url: str, body: dict[str, Any], timeout: float = 60
+) -> StreamResult:
+    """POST a streaming chat and parse every SSE data line of the answer."""
+    body = {"model": AUTO, "stream": True, "temperature": 0, "max_tokens": 12, **body}
+    response = requests.post(
+        f"{base_url}/v1/chat/completions", json=body, stream=True, timeout=timeout
+    )
+    result = StreamResult(response.status_code)
+    raw = response.content.decode("utf-8")
+    result.raw = raw
+    for line in raw.splitlines():
+        if not line.startswith("data:"):
+            continue
+        data = line[5:].strip()
+        if data == "[DONE]":
+            result.done_count += 1
+            continue
+        parsed = json.loads(data)
+        (result.events if "event" in parsed else result.chunks).append(parsed)
+    return result
+
+
+def complete_chat(
+    base_url: str, body: dict[str, Any], timeout: float = 60
+) -> requests.Response:
+    body = {"model": AUTO, "stream": False, "temperature": 0, "max_tokens": 12, **body}
+    return requests.post(f"{base_url}/v1/chat/completions", json=body, timeout=timeout)
+
+
+def direct_text(vllm_api_base: str, model: str, messages: list[dict[str, Any]]) -> str:
+    """Return vLLM's greedy answer from `model`, asked directly."""
+    response = requests.post(
+        f"{vllm_api_base}/chat/completions",
+        json={"model": model, "messages": messages, "temperature": 0, "max_tokens": 12},
+        timeout=60,
+    )
+    response.raise_for_status()
+    return response.json()["choices"][0]["message"]["content"]
