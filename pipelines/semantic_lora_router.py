@@ -3,7 +3,7 @@ title: Semantic LoRA Router
 author: Semantic LoRA Router contributors
 version: 0.1.0
 license: Apache-2.0
-description: The model "auto" embeds each chat, picks the vLLM LoRA adapter whose example utterances it matches best (or the base model) and streams the answer straight from vLLM. The base model and every adapter vLLM serves are listed too.
+description: Model "auto" sends each chat to the best-matching vLLM LoRA adapter.
 requirements: semantic-router[fastembed]==1.1.1, pyyaml
 """
 
@@ -88,17 +88,17 @@ routes:
     utterances:
       - Solve 3x + 7 = 22 step by step.
       - A train leaves at 9:40 and travels 210 km at 70 km/h. When does it arrive?
-      - If a shirt costs 40 dollars after a 20 percent discount, what was the original price?
+      - If a shirt costs 40 dollars after a 20% discount, what was its price?
       - Think step by step, which number is larger, 2 to the 10th power or 10 cubed?
       - Alice is older than Bob and Bob is older than Carol. Who is the youngest?
       - How many ways can 5 people sit in a row of 5 chairs?
       - Reason through this puzzle and explain each step of your answer.
-      - A tank fills in 6 hours with one pipe and 3 hours with another; how long with both?
+      - A tank fills in 6 hours with one pipe and 3 with another; how long with both?
       - What is the probability of rolling two sixes with two dice?
       - If all bloops are razzies and all razzies are lazzies, are all bloops lazzies?
       - Work out the compound interest on 1000 dollars at 5 percent for 3 years.
       - Break this word problem into steps and solve it.
-      - Three friends share a bill of 96 dollars with a 12 percent tip, how much does each pay?
+      - Three friends split a 96 dollar bill plus a 12% tip. How much does each pay?
 """
 
 
@@ -534,7 +534,7 @@ def load_encoder(model: str, local_dir: str) -> Any:
 
             def _initialize_client(self) -> Any:
                 if not self.model_path:
-                    return super()._initialize_client()
+                    return super()._initialize_client()  # type: ignore[no-untyped-call]
                 from fastembed import TextEmbedding
 
                 return TextEmbedding(
@@ -826,8 +826,9 @@ def upstream_error_detail(response: requests.Response) -> str:
                 return str(message)[:300]
         elif isinstance(error, str):
             return error[:300]
-        if isinstance(body.get("detail"), str):
-            return body["detail"][:300]
+        detail = body.get("detail")
+        if isinstance(detail, str):
+            return detail[:300]
     return json.dumps(body)[:300]
 
 
@@ -971,18 +972,91 @@ class SSEStream(Iterator[Any]):
 
     The server appends its own finish chunk and [DONE] to a generator's output;
     vLLM's stream already ends with both, so the client would see two of each.
+
+    When the client goes away, the server stops pulling but never closes the
+    stream, so the request to vLLM would run on. `upstream` is closed instead
+    by the abandoned-stream watchdog once nobody pulls for ABANDONED_AFTER s.
     """
 
-    def __init__(self, lines: Iterator[Any]) -> None:
+    def __init__(
+        self, lines: Iterator[Any], upstream: requests.Response | None = None
+    ) -> None:
         self._lines = lines
+        self.upstream = upstream
+        self.waiting_since: float | None = None
+        self.abandoned = False
+        if upstream is not None:
+            watchdog.watch(self)
 
     def __next__(self) -> Any:
-        return next(self._lines)
+        self.waiting_since = None
+        try:
+            line = next(self._lines)
+        except BaseException:
+            watchdog.forget(self)
+            raise
+        self.waiting_since = time.monotonic()
+        return line
 
     def close(self) -> None:
+        watchdog.forget(self)
         close = getattr(self._lines, "close", None)
         if close:
             close()
+
+    def abandon(self) -> None:
+        """Close the request to vLLM, from the watchdog's thread."""
+        self.abandoned = True
+        if self.upstream is not None:
+            self.upstream.close()
+
+
+# How long a stream may wait for the server to pull its next line. The server
+# pulls again as soon as it has sent a line, so only a client that went away (or
+# a server starved of threads for this long) leaves a stream waiting.
+ABANDONED_AFTER = 0.75
+
+
+class AbandonedStreamWatchdog:
+    """A thread that closes upstream requests of streams nobody pulls any more."""
+
+    def __init__(self, interval: float = 0.1) -> None:
+        self.interval = interval
+        self._streams: set[SSEStream] = set()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def watch(self, stream: SSEStream) -> None:
+        with self._lock:
+            self._streams.add(stream)
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(
+                    target=self._run, name="abandoned-stream-watchdog", daemon=True
+                )
+                self._thread.start()
+
+    def forget(self, stream: SSEStream) -> None:
+        with self._lock:
+            self._streams.discard(stream)
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(self.interval)
+            now = time.monotonic()
+            with self._lock:
+                idle = [
+                    stream
+                    for stream in self._streams
+                    if stream.waiting_since is not None
+                    and now - stream.waiting_since > ABANDONED_AFTER
+                ]
+                self._streams.difference_update(idle)
+            for stream in idle:
+                log.info("stream abandoned by its client; closing the request to vLLM")
+                stream.abandon()
+
+
+watchdog = AbandonedStreamWatchdog()
 
 
 def relay_vllm_stream(
@@ -1012,7 +1086,8 @@ def relay_vllm_stream(
                     # The client is finished here. The loop goes on only to read
                     # the end of the body, so the connection returns to the pool.
                 yield line.decode("utf-8", errors="replace")
-    except requests.RequestException as exc:
+    except (requests.RequestException, OSError, ValueError, AttributeError) as exc:
+        # A response that the watchdog closed fails with one of the last three.
         log.warning(
             "request %s: stream from vLLM broke: %s", request_id, type(exc).__name__
         )
@@ -1041,7 +1116,7 @@ class Plan:
 
 
 def upstream_payload(body: dict[str, Any], model: str) -> dict[str, Any]:
-    """Return the request for vLLM: the client's body for `model`, less Open WebUI's fields."""
+    """Return the body for vLLM: the client's, for `model`, less Open WebUI's fields."""
     payload = {k: v for k, v in body.items() if k not in OPEN_WEBUI_FIELDS}
     payload["model"] = model
     return payload
@@ -1251,7 +1326,7 @@ class Pipeline:
         if served is None:
             raise UnknownModel(
                 f"model {model_id} is not served by vLLM at {self.valves.VLLM_BASE_URL}"
-                f" (it serves {', '.join(self.catalog.names()) or 'nothing right now'})",
+                f" (it serves {', '.join(self.catalog.names()) or 'no models now'})",
                 404,
             )
         return served.name
@@ -1286,9 +1361,8 @@ class Pipeline:
         except UpstreamError as exc:
             log.warning("request %s: %s", request_id, exc)
             return message_stream(plan.model, str(exc), plan.events)
-        return SSEStream(
-            relay_vllm_stream(response, plan.model, plan.events, request_id)
-        )
+        lines = relay_vllm_stream(response, plan.model, plan.events, request_id)
+        return SSEStream(lines, upstream=response)
 
     def _complete(self, request_id: str, body: dict[str, Any], plan: Plan) -> Any:
         try:

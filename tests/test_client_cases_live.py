@@ -21,13 +21,14 @@ from livechat import (
     user,
 )
 from plugin_loader import load_plugin
-from servers import free_port
 from test_routing_live import (  # noqa: F401 - shared module fixtures
     base_name,
     pipelines,
     restore_valves,
     update_valves,
 )
+
+from servers import free_port
 
 
 def assert_one_finished_stream(result):

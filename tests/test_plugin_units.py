@@ -141,7 +141,9 @@ def test_parse_routes_rejects_utterance_in_two_routes():
             {"name": "dcot", "utterances": ["my head hurts"]},
         ]
     )
-    with pytest.raises(plugin.InvalidRoutes, match="in both route doctor and route dcot"):
+    with pytest.raises(
+        plugin.InvalidRoutes, match="in both route doctor and route dcot"
+    ):
         plugin.parse_routes(text)
 
 

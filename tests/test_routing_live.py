@@ -22,6 +22,7 @@ from livechat import (
     stream_chat,
     user,
 )
+
 from servers import start_pipelines
 
 BASE = "tiny-base"
