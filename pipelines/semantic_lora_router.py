@@ -1059,6 +1059,14 @@ class AbandonedStreamWatchdog:
 watchdog = AbandonedStreamWatchdog()
 
 
+def is_json(data: bytes) -> bool:
+    try:
+        json.loads(data)
+    except ValueError:  # UnicodeDecodeError included
+        return False
+    return True
+
+
 def relay_vllm_stream(
     response: requests.Response,
     model: str,
@@ -1081,10 +1089,20 @@ def relay_vllm_stream(
                 line, buffer = buffer[:end].rstrip(b"\r"), buffer[end + 1 :]
                 if not line.startswith(b"data:"):
                     continue  # blank separators, comments and other SSE fields
-                if line[5:].strip() == b"[DONE]":
+                payload = line[5:].strip()
+                if payload == b"[DONE]":
                     done = True
                     # The client is finished here. The loop goes on only to read
                     # the end of the body, so the connection returns to the pool.
+                elif not is_json(payload):
+                    # Clients parse every data line; one bad line can end the chat.
+                    log.warning(
+                        "request %s: dropped a line from vLLM that is not JSON "
+                        "(%d bytes)",
+                        request_id,
+                        len(line),
+                    )
+                    continue
                 yield line.decode("utf-8", errors="replace")
     except (requests.RequestException, OSError, ValueError, AttributeError) as exc:
         # A response that the watchdog closed fails with one of the last three.
