@@ -714,6 +714,17 @@ class ServedModel:
     parent: str | None
 
 
+# vLLM (0.32) rejects a chat that carries `tools` with HTTP 400 and a message
+# naming this flag when it was started without a tool parser, because
+# `tool_choice` defaults to "auto" once tools are present.
+NO_TOOL_PARSER_HINT = "--enable-auto-tool-choice"
+TOOL_FIELDS = ("tools", "tool_choice", "parallel_tool_calls")
+
+
+def without_tools(payload: dict[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in payload.items() if key not in TOOL_FIELDS}
+
+
 class VllmClient:
     """One pooled HTTP session to vLLM's OpenAI-compatible API."""
 
@@ -729,6 +740,8 @@ class VllmClient:
         self.session.headers["Content-Type"] = "application/json"
         if api_key:
             self.session.headers["Authorization"] = f"Bearer {api_key}"
+        # Set once vLLM rejected a chat's tools because it has no tool parser.
+        self.drops_tools = False
 
     def __repr__(self) -> str:
         return f"VllmClient({self.base_url!r})"
@@ -748,7 +761,35 @@ class VllmClient:
         return [entry for entry in data if isinstance(entry, dict) and "id" in entry]
 
     def chat(self, payload: dict[str, Any], stream: bool) -> requests.Response:
-        return self._send("POST", "/chat/completions", stream=stream, payload=payload)
+        """Send a chat completion request to vLLM.
+
+        Open WebUI 0.12 adds its built-in tools to every chat sent from its UI.
+        A vLLM started without --enable-auto-tool-choice rejects such a chat, so
+        after the first rejection this client sends chats without their tool
+        fields until it is rebuilt (when the valves change or the server restarts).
+        """
+        if self.drops_tools and "tools" in payload:
+            payload = without_tools(payload)
+        try:
+            return self._send(
+                "POST", "/chat/completions", stream=stream, payload=payload
+            )
+        except UpstreamHTTPError as exc:
+            if (
+                exc.status != 400
+                or "tools" not in payload
+                or NO_TOOL_PARSER_HINT not in str(exc)
+            ):
+                raise
+        self.drops_tools = True
+        log.warning(
+            "vLLM at %s has no tool parser, so chats are sent without their tools; "
+            "start vLLM with --enable-auto-tool-choice --tool-call-parser to use them",
+            self.base_url,
+        )
+        return self._send(
+            "POST", "/chat/completions", stream=stream, payload=without_tools(payload)
+        )
 
     def _send(
         self,
