@@ -65,6 +65,9 @@ DEFAULT_ROUTES_YAML = """\
 # a chat that matches no route well enough goes to DEFAULT_MODEL (the base model).
 # Fields: name (letters, digits, - and _), target (vLLM model name, defaults to
 # name), threshold (0 to 1, defaults to ROUTER_SCORE_THRESHOLD), utterances.
+# These routes set no threshold because similarity scores depend on the encoder:
+# ROUTER_SCORE_THRESHOLD applies. tools/evaluate_routes.py --fit measures
+# per-route thresholds for the encoder you run.
 routes:
   - name: doctor
     target: doctor
@@ -83,6 +86,64 @@ routes:
       - I have a persistent dry cough at night, what could cause it?
       - How should I treat a sprained ankle at home?
       - What do my blood test results mean if my cholesterol is high?
+      - My baby has a high temperature and won't drink, should we go to hospital?
+      - I'm pregnant; which medicines are safe to take for a cold?
+      - I've felt low and anxious for weeks and can't sleep. Is it depression?
+      - My stomach hurts on the lower right side and I feel sick.
+      - How many ml of children's paracetamol syrup is right for a 14 kg child?
+      - Should a dermatologist look at a mole that has changed?
+      - My eye is red, itchy and sticky. Is it conjunctivitis?
+      - What is a normal blood sugar level, and when is it too high?
+      - How do I care for stitches or a surgical wound while it heals?
+      - Do I need antibiotics for a urinary tract infection?
+      - I get heartburn and acid reflux after eating; what medicine can I take?
+      - Which vaccines do adults need, and when is a booster due?
+      - My knee is swollen and painful after a fall. Could it be broken?
+      - I get short of breath and feel tired all the time lately.
+      - Is some bleeding or cramping normal in early pregnancy?
+      - Someone's face and lips are swelling after a sting; is it an allergic reaction?
+      - My elderly father is suddenly confused. What could cause that?
+      - Can I drink alcohol while I'm on antibiotics?
+      - What are the symptoms of an underactive thyroid?
+      - Pain from my lower back runs down my leg. Is it sciatica?
+      - How is asthma treated, and when should I use my inhaler?
+      - I missed a dose of my medication. Should I take it now or skip it?
+      - My period is late and irregular; what could be the reason?
+      - What is a safe daily amount of iron or vitamin supplements?
+      - My joints ache and are stiff every morning. Could it be arthritis?
+      - I was bitten by a dog. Do I need a tetanus or rabies shot?
+      - Why do I keep getting nosebleeds?
+      - How can I treat a burn on my skin at home?
+      - What is a normal resting heart rate, and when is a fast pulse a worry?
+      - How do I work out my insulin dose for a meal from its carbohydrates?
+      - Is it safe to take sleeping pills or melatonin for a long time?
+      - I noticed blood in my urine. Should I be worried?
+      - How often should I be screened for breast, bowel or cervical cancer?
+      - I've had diarrhoea and vomiting for two days. How do I avoid dehydration?
+      - My baby cries for hours every evening. Could it be colic?
+      - Our newborn looks a bit yellow. Is jaundice dangerous?
+      - I hit my head and now feel sick and sleepy. Could it be a concussion?
+      - What should I do when someone has a seizure?
+      - I have toothache and the gum around it is swollen.
+      - How can I treat acne that keeps leaving scars?
+      - How do we get rid of head lice or scabies in the family?
+      - I think I have hay fever. Which antihistamine works best?
+      - My ear hurts and feels blocked after a cold.
+      - The vision in one of my eyes has suddenly gone blurry.
+      - My heart is racing and sometimes skips a beat.
+      - My calf is painful and swollen. Could it be a blood clot?
+      - I have a fever and chest pain when I breathe in. Could it be pneumonia?
+      - What helps with constipation that has lasted a week?
+      - I'm going through the menopause and the hot flushes are awful.
+      - Which contraceptive pill has the fewest side effects?
+      - Can an enlarged prostate make me pee often at night?
+      - Is this rash measles or chickenpox?
+      - How do I do CPR on an adult who has collapsed?
+      - Someone is choking on food. What should I do?
+      - I can't fall asleep and I wake up at 4 am every night.
+      - Could I have ADHD as an adult?
+      - I might have a sexually transmitted infection. How do I get tested?
+      - What causes muscle cramps in the legs at night?
   - name: dcot
     target: dcot
     utterances:
@@ -92,13 +153,67 @@ routes:
       - Think step by step, which number is larger, 2 to the 10th power or 10 cubed?
       - Alice is older than Bob and Bob is older than Carol. Who is the youngest?
       - How many ways can 5 people sit in a row of 5 chairs?
-      - Reason through this puzzle and explain each step of your answer.
       - A tank fills in 6 hours with one pipe and 3 with another; how long with both?
       - What is the probability of rolling two sixes with two dice?
       - If all bloops are razzies and all razzies are lazzies, are all bloops lazzies?
       - Work out the compound interest on 1000 dollars at 5 percent for 3 years.
-      - Break this word problem into steps and solve it.
       - Three friends split a 96 dollar bill plus a 12% tip. How much does each pay?
+      - A farm has chickens and rabbits with 20 heads and 56 legs. How many of each?
+      - If 3 workers finish a job in 10 days, how long would 5 workers take?
+      - What is the chance of drawing a red card and then a king from a deck?
+      - In how many ways can I choose 3 books out of 8?
+      - Solve the quadratic equation x^2 + 2x - 15 = 0.
+      - Find the area of a triangle whose sides are 5, 12 and 13 cm.
+      - What number comes next in the sequence 3, 9, 27, 81, and why?
+      - Prove that the square root of 2 is irrational.
+      - A says B is lying, B says C is lying, C says A and B both lie. Who is honest?
+      - Four friends sit in a row; Dan is not at an end and Eve is left of Dan. Where?
+      - What is the average speed of a round trip at 40 km/h out and 60 km/h back?
+      - A price rises by 30% and then falls by 30%. What is the net change?
+      - A father is three times his son's age; in 12 years he'll be twice. Ages?
+      - How many times a day do the hands of a clock overlap?
+      - Find the derivative of x^2 * sin(x) using the product rule.
+      - Evaluate the integral of 1/x from 1 to e.
+      - Estimate how many golf balls fit in a school bus, step by step.
+      - I have 50 dollars, spend 40% of it and then a quarter of the rest. What's left?
+      - Every manager is an employee and Sam is not an employee. Can Sam be a manager?
+      - A mixture is 20% salt. How much water must I add to 10 kg to make it 8% salt?
+      - Is 391 a prime number? Check it carefully.
+      - What is the sum of the first 50 odd numbers?
+      - Five people live in five houses; use the clues to find who owns the fish.
+      - On an island of knights and liars, one says 'we are both liars'. Who is who?
+      - How many 6-letter passwords can be made if no letter repeats?
+      - Solve the simultaneous equations 3x + 2y = 12 and x - y = 1.
+      - A right triangle has legs of 6 cm and 8 cm. How long is the hypotenuse?
+      - What is the remainder when 2 to the power 20 is divided by 7?
+      - Explain the birthday paradox. How many people until a shared birthday is likely?
+      - A man points at a portrait and says his father is my father's son. Who is it?
+      - Estimate step by step how many cars cross a busy junction in one day.
+      - How many rectangles are there in a 3 by 3 grid of squares?
+      - A town of 50,000 grows 3% a year. How many people live there after 10 years?
+      - If 5 kg of apples cost 12 euros, how much do 8 kg cost?
+      - A machine makes 120 parts an hour, then rests 10 minutes. How long for 1,000?
+      - Three friends are a baker, a teacher and a pilot. Use the clues to match them.
+      - How many different 5-card hands can be dealt from a 52-card deck?
+      - Can you solve this brain teaser? Think carefully, it's a trick question.
+      - What is the expected number of rolls of a die until I get a six?
+      - Solve the inequality 2x - 5 > 7 and explain each step.
+      - What is the area of a circle with a diameter of 10 cm?
+      - What is the volume of a box that is 20 cm by 15 cm by 10 cm?
+      - Find the mean, median and mode of 4, 8, 8, 10 and 15.
+      - What is the standard deviation of 2, 4, 4, 4, 5, 5, 7 and 9?
+      - What is the chance of getting exactly two heads in four coin flips?
+      - Find the greatest common divisor of 84 and 126.
+      - Is 2,345,678 divisible by 3? Explain the rule you use.
+      - With a balance scale, find the one heavier coin among 9 in two weighings.
+      - How can three missionaries and three cannibals all cross the river safely?
+      - Three people wear red or blue hats and see only the others'. How can they guess?
+      - Which plan is cheaper for 300 minutes, 10 plus 5 cents a minute or 25 flat?
+      - Five tasks depend on each other. What is the shortest time to finish them all?
+      - My flight leaves at 23:50 and takes 7 hours 25 minutes. What time does it land?
+      - A rectangle's diagonal is 10 cm and one side is 6 cm. What is its perimeter?
+      - Here is a logic puzzle with four clues. Work out who lives in which house.
+      - How much fencing do I need around a rectangular field 40 m by 25 m?
 """
 
 
