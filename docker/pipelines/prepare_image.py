@@ -118,7 +118,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "requirements":
             found = plugin_requirements(args.plugin.read_text(encoding="utf-8"))
             if not found:
-                raise PluginError(f"{args.plugin} has no requirements line in its front matter")
+                raise PluginError(
+                    f"{args.plugin} has no requirements line in its front matter"
+                )
             print("\n".join(found))
         elif args.command == "encoder":
             download_encoder(args.model, args.cache_dir)
