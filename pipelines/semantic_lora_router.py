@@ -10,7 +10,6 @@ requirements: semantic-router[fastembed]==1.1.1, pyyaml
 import functools
 import json
 import logging
-import math
 import os
 import re
 import threading
@@ -22,7 +21,14 @@ from typing import Any, Literal
 
 import requests
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_serializer,
+    field_validator,
+)
 from requests.adapters import HTTPAdapter
 
 log = logging.getLogger("semantic_lora_router")
@@ -380,6 +386,9 @@ def _routes_default() -> str:
     return DEFAULT_ROUTES_YAML
 
 
+OPTIONAL_TEXT_VALVES = ("VLLM_API_KEY", "DEFAULT_MODEL", "ENCODER_LOCAL_DIR")
+
+
 class Valves(BaseModel):
     """Settings shown in Open WebUI under Admin > Settings > Pipelines.
 
@@ -512,6 +521,19 @@ class Valves(BaseModel):
     def _strip(cls, value: str) -> str:
         return value.strip()
 
+    # Open WebUI's Admin > Settings > Pipelines page (0.12.4) marks every text
+    # field it shows as required, so a form with an empty field cannot be saved.
+    # It hides a field whose value is null and sends null for it. So the valves
+    # that may be empty travel as null and come back as "".
+    @field_validator(*OPTIONAL_TEXT_VALVES, mode="before")
+    @classmethod
+    def _null_is_empty(cls, value: Any) -> Any:
+        return "" if value is None else value
+
+    @field_serializer(*OPTIONAL_TEXT_VALVES)
+    def _empty_is_null(self, value: str) -> str | None:
+        return value or None
+
 
 @functools.lru_cache(maxsize=1)
 def supported_encoders() -> frozenset[str]:
@@ -571,11 +593,15 @@ def message_text(content: Any) -> str:
 
 
 def clip_for_routing(text: str) -> str:
-    """Keep the head and tail of a long message: routing reads a bounded part."""
+    """Keep the head and tail of a long message: routing reads a bounded part.
+
+    Lone UTF-16 surrogates ("\\ud83d" in JSON is valid JSON but not valid
+    Unicode) become "?", because the encoder's tokenizer rejects them.
+    """
     text = text.strip()
-    if len(text) <= ROUTING_HEAD_CHARS + ROUTING_TAIL_CHARS:
-        return text
-    return f"{text[:ROUTING_HEAD_CHARS]} ... {text[-ROUTING_TAIL_CHARS:]}"
+    if len(text) > ROUTING_HEAD_CHARS + ROUTING_TAIL_CHARS:
+        text = f"{text[:ROUTING_HEAD_CHARS]} ... {text[-ROUTING_TAIL_CHARS:]}"
+    return text.encode("utf-8", errors="replace").decode("utf-8")
 
 
 def recent_user_texts(messages: Any, turns: int) -> list[str]:
@@ -728,9 +754,28 @@ class SemanticRouting:
         return self.default_threshold if route.threshold is None else route.threshold
 
     def scores(self, text: str) -> list[tuple[str, float]]:
-        """Return every route's score for `text`, best first."""
-        choices = self.index_router(text, limit=None, threshold=-math.inf)
-        return [(choice.name, float(choice.confidence)) for choice in choices]
+        """Return every route's score for `text`, best first.
+
+        The result equals IndexedRouter's `router(text, limit=None,
+        threshold=-inf)` without a calibrator: the index returns the nearest
+        utterances, and each route aggregates its hits (0.0 without a hit).
+        Calling the encoder and the index here avoids the sync call's route
+        through semantic-router's one background event loop and two thread hops,
+        which queued concurrent requests behind each other.
+        """
+        import numpy as np
+
+        router = self.index_router
+        vector = np.asarray(router.encoder([text])[0])
+        similarities, names = router.index.query(vector=vector, top_k=router.top_k)
+        hits: dict[str, list[float]] = {route.name: [] for route in router.routes}
+        for name, similarity in zip(names, similarities, strict=True):
+            hits.setdefault(name, []).append(float(similarity))
+        scores = {
+            name: float(router.aggregate(values)) if values else 0.0
+            for name, values in hits.items()
+        }
+        return sorted(scores.items(), key=lambda item: item[1], reverse=True)
 
     def decide(self, messages: Any) -> RouteDecision:
         """Choose a route for a chat, or none.
