@@ -900,6 +900,7 @@ class VllmClient:
         self.session.headers["Content-Type"] = "application/json"
         if api_key:
             self.session.headers["Authorization"] = f"Bearer {api_key}"
+        self._api_key = api_key
         # Set once vLLM rejected a chat's tools because it has no tool parser.
         self.drops_tools = False
 
@@ -987,6 +988,9 @@ class VllmClient:
 
         if response.status_code >= 400:
             detail = upstream_error_detail(response)
+            if self._api_key:
+                # A proxy in front of vLLM may repeat the request's headers.
+                detail = detail.replace(self._api_key, "[VLLM_API_KEY]")
             response.close()
             error_type = (
                 UnknownModel if response.status_code == 404 else UpstreamHTTPError
