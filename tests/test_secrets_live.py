@@ -1,0 +1,106 @@
+"""The vLLM API key never reaches the Pipelines server's log, replies or status lines.
+
+The plugin runs in the real Pipelines server with VLLM_API_KEY set to a
+recognizable secret. FaultUpstream checks the bearer token as vLLM's --api-key
+does, so the first chat proves that the key is sent, and then every failure the
+fake can produce is requested, including an upstream error that repeats the
+request's Authorization header. The valves endpoint itself returns the key: that
+is upstream Pipelines' design (its valves endpoints are not authenticated), so it
+is left out here and the deploy files keep that port inside the stack.
+"""
+
+import secrets
+
+import pytest
+import requests
+from fault_upstream import FaultUpstream
+from livechat import MEDICAL, PIPELINE_ID, user
+from streamcheck import (
+    assert_well_formed,
+    plugin_env,
+    post_json,
+    read_stream,
+    start_plugin_server,
+)
+
+from servers import free_port
+
+SECRET = f"sk-slr-canary-{secrets.token_hex(12)}"
+FAULTS = ["http500", "http503", "leaky500", "not_found", "cut", "malformed", "silent"]
+
+
+@pytest.fixture(scope="module")
+def guarded():
+    with FaultUpstream(api_key=SECRET) as upstream:
+        yield upstream
+
+
+@pytest.fixture(scope="module")
+def server(guarded, encoder_dir, tmp_path_factory):
+    env = plugin_env(
+        guarded.api_base, encoder_dir, VLLM_API_KEY=SECRET, VLLM_READ_TIMEOUT="2"
+    )
+    server = start_plugin_server(tmp_path_factory, env)
+    yield server
+    server.stop()
+
+
+def valves_url(server) -> str:
+    return f"{server.base_url}/{PIPELINE_ID}/valves"
+
+
+def update_valves(server, **changes):
+    saved = requests.get(valves_url(server), timeout=10).json()
+    return requests.post(
+        f"{valves_url(server)}/update", json={**saved, **changes}, timeout=120
+    )
+
+
+def test_key_stays_out_of_logs_and_replies(server, guarded):
+    replies: list[str] = []
+
+    working = read_stream(server.base_url, {"messages": user(MEDICAL)})
+    assert_well_formed(working)
+    assert working.text.startswith("Fake answer from doctor"), "the key was not sent"
+    replies.append(working.raw)
+
+    for fault in FAULTS:
+        question = user(f"[fault:{fault}] {MEDICAL}")
+        result = read_stream(server.base_url, {"messages": question})
+        assert_well_formed(result)
+        replies.append(result.raw)
+        if fault != "silent":
+            response = post_json(server.base_url, {"messages": question})
+            replies.append(response.text)
+
+    leaky = read_stream(
+        server.base_url, {"messages": user(f"[fault:leaky500] {MEDICAL}")}
+    )
+    assert "vLLM returned HTTP 500: fake upstream failure" in leaky.text
+    assert "Authorization: Bearer" in leaky.text, "the fake did not repeat the header"
+
+    with FaultUpstream(api_key="another-key") as other:
+        response = update_valves(server, VLLM_BASE_URL=other.api_base)
+        assert response.status_code == 200, response.text
+        rejected = read_stream(server.base_url, {"messages": user(MEDICAL)})
+        assert "vLLM returned HTTP 401: Unauthorized" in rejected.text
+        replies.append(rejected.raw)
+        replies.append(post_json(server.base_url, {"messages": user(MEDICAL)}).text)
+
+    dead = f"http://127.0.0.1:{free_port()}/v1"
+    assert update_valves(server, VLLM_BASE_URL=dead).status_code == 200
+    unreachable = read_stream(server.base_url, {"messages": user(MEDICAL)})
+    assert "could not be reached" in unreachable.text
+    replies.append(unreachable.raw)
+
+    # A key typed into the wrong field fails validation without being echoed.
+    for changes in ({"VLLM_CONNECT_TIMEOUT": SECRET}, {"VLLM_BASE_URL": SECRET}):
+        response = update_valves(server, **changes)
+        assert response.status_code == 500
+        replies.append(response.text)
+
+    log = server.log_path.read_text(encoding="utf-8", errors="replace")
+    assert "vLLM returned HTTP 500" in log, "the failures were not logged"
+    assert SECRET not in log
+    for reply in replies:
+        assert SECRET not in reply
