@@ -13,9 +13,9 @@ bench/results/load.md and load.json with a description of the machine.
     ~/.cache/semantic-lora-router/test-venv/bin/python bench/load.py
     ... bench/load.py --clients 8 --duration 10      # a quick check
 
-The venvs, tiny model and encoder folder are the ones tests/run builds; their
-paths come from SLR_VLLM_PYTHON, SLR_TINY_MODEL_DIR and SLR_ENCODER_DIR, or
-default to tests/run's cache folder.
+The venvs, tiny model and encoder folder are the ones that tests/run builds.
+Their paths come from SLR_VLLM_PYTHON, SLR_TINY_MODEL_DIR and SLR_ENCODER_DIR,
+or default to tests/run's cache folder.
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ FAILURE_TEXTS = (
 
 @dataclass
 class LoadResult:
-    """What the clients saw, and the Pipelines process's memory."""
+    """Counts and timings from the clients, and the Pipelines process's memory."""
 
     clients: int
     duration_s: float

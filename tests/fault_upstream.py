@@ -1,10 +1,10 @@
 """A stand-in for vLLM's OpenAI API that injects faults real vLLM cannot make on demand.
 
 `FaultUpstream` serves `GET /v1/models`, `POST /v1/chat/completions` (streaming
-and not) and `GET /health` on a free 127.0.0.1 port, in vLLM 0.32's wire format:
-compact JSON, one `data: {chat.completion.chunk}\\n\\n` event per HTTP chunk of a
-chunked response, a final chunk with `finish_reason`, then `data: [DONE]`, and
-errors as `{"error": {"message", "type", "param", "code"}}`.
+and not) and `GET /health` on a free 127.0.0.1 port, in vLLM 0.32's wire format.
+That format is compact JSON and one `data: {chat.completion.chunk}\\n\\n` event
+per HTTP chunk of a chunked response. A final chunk carries `finish_reason`, then
+`data: [DONE]` follows. Errors are `{"error": {"message", "type", "param", "code"}}`.
 test_fault_upstream.py checks that format against a stream captured from real vLLM.
 
 A chat request gets the fault named in its last message, for example
@@ -56,7 +56,7 @@ FAULTS = (
 FAULT_MARKER = re.compile(r"\[fault:([a-z0-9_]+)\]")
 FINGERPRINT = "vllm-0.32.0-fake"
 
-# The answer every model gives, one token per list entry. It has 2-, 3- and
+# The reply of every model, one token per list entry. It has 2-, 3- and
 # 4-byte UTF-8 characters, so the utf8_split fault has something to split.
 DEFAULT_TOKENS = (
     "Fake",
@@ -459,7 +459,7 @@ class FaultHandler(BaseHTTPRequestHandler):
 def stream_events(
     body: dict[str, Any], model: str, tokens: list[str], finish: str
 ) -> Iterator[str]:
-    """Yield the SSE events of a streamed answer, each ending in a blank line.
+    """Yield the SSE events of a streamed reply, each ending in a blank line.
 
     The field layout follows vLLM 0.32: `prompt_token_ids` and `prompt_text` on
     the first chunk, `token_ids` on each content chunk, and `stop_reason` and

@@ -1,9 +1,9 @@
 """Client-side helpers for the fault, bad-input and load tests.
 
-`read_stream` reads a streamed chat as a client does and keeps what a strict
-client would reject (lines that are not JSON, a second [DONE]), so a test can
-assert that the stream is well-formed: events first, then chunks, one finish,
-and exactly one [DONE] as the last line.
+`read_stream` reads a streamed chat as a client does. It also keeps what a
+strict client would reject (lines that are not JSON, a second [DONE]), so that
+`assert_well_formed` can check the stream: events first, then chunks, one
+finish per choice, and exactly one [DONE] as the last line.
 """
 
 import json

@@ -1,4 +1,4 @@
-"""Odd and hostile input: the auto model answers or says clearly why it cannot.
+"""Odd and hostile input: the auto model replies, or states why it cannot.
 
 Requests go through the real Pipelines server to real vLLM, except where a model
 name with a slash is needed: then FaultUpstream serves one. The property test at
@@ -86,7 +86,7 @@ def test_huge_message_routes_on_bounded_part(on_vllm):
     clipped_ms = statistics.median(timings["clipped"])
     assert huge_ms < 2 * clipped_ms + 5, f"routing ms: {timings}"
 
-    # The tiny test model takes 512 tokens, so vLLM rejects the paste and says why.
+    # The tiny test model takes 512 tokens, so vLLM rejects the paste with a reason.
     big = read_stream(on_vllm.base_url, {"messages": user(huge)})
     assert "vLLM returned HTTP 400" in big.text
 

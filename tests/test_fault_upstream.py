@@ -1,9 +1,9 @@
 """The fault-injecting upstream speaks real vLLM's wire format.
 
-Each test sends the same request to real vLLM (the vllm_server fixture) and to
-FaultUpstream over a raw socket, then compares what came back byte layout by
-byte layout: status, headers, HTTP chunk framing, SSE framing, JSON encoding and
-the shape (keys, their order and value types) of every JSON object.
+Each test sends the same request over a raw socket to real vLLM (the vllm_server
+fixture) and to FaultUpstream. It then compares the two responses: status,
+headers, HTTP chunk framing, SSE framing, JSON encoding, and the shape of every
+JSON object (its keys, their order and the value types).
 """
 
 import json
@@ -26,8 +26,8 @@ def fake():
 def raw_exchange(base_url: str, method: str, path: str, body: Any = None):
     """Send one HTTP/1.1 request and return (status, headers, chunks or body).
 
-    A chunked body comes back as the list of its HTTP chunks, in order, with the
-    terminating empty chunk; any other body as one bytes object.
+    A chunked body is returned as the list of its HTTP chunks, in order, with the
+    terminating empty chunk. Any other body is returned as one bytes object.
     """
     url = urlsplit(base_url)
     data = b"" if body is None else json.dumps(body).encode()

@@ -6,7 +6,7 @@ away, a restart) use the vllm_server fixture. The others come from FaultUpstream
 a "[fault:name]" marker in the chat's last message.
 
 Each fault must end in one well-formed stream, with one finish and one [DONE],
-whose text says what went wrong, or in an HTTP error with that sentence.
+whose text names the problem, or in an HTTP error with that sentence.
 """
 
 import json
@@ -315,7 +315,7 @@ def test_vllm_restart_needs_no_pipeline_restart(
         down = read_stream(on_vllm.base_url, body)
         assert_well_formed(down)
         assert f"vLLM at {vllm_server.api_base} could not be reached" in down.text
-        # A Pipelines server that starts now sees no models yet.
+        # A Pipelines server that starts now lists no models yet.
         late = start_plugin_server(
             tmp_path_factory,
             plugin_env(vllm_server.api_base, encoder_dir, MODEL_LIST_TTL="2"),

@@ -1,8 +1,8 @@
 """A short run of bench/load.py: concurrent streaming chats through real servers.
 
-The full benchmark (64 clients for 120 s) is a script, not a test; this checks
-only that a small load loses nothing: no errors, and every chat that started
-finished. Timings are printed, not asserted.
+The full benchmark (64 clients for 120 s) is a script, not a test. This test
+checks only that a small load loses nothing: no errors, and every chat that
+started finished. Timings are printed, not asserted.
 """
 
 import importlib.util
