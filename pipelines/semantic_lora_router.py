@@ -4,10 +4,11 @@ author: Semantic LoRA Router contributors
 version: 0.1.0
 license: Apache-2.0
 description: Model "auto" sends each chat to the best-matching vLLM LoRA adapter.
-requirements: semantic-router[fastembed]==1.1.1, pyyaml
+requirements: semantic-router[fastembed]==1.1.1, pyyaml, prometheus-client
 """
 
 import functools
+import itertools
 import json
 import logging
 import os
@@ -226,7 +227,7 @@ routes:
 # --- Routes: the ROUTES valve ------------------------------------------------
 
 ROUTE_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
-ROUTE_KEYS = ("name", "target", "threshold", "utterances")
+ROUTE_KEYS = ("name", "target", "threshold", "path", "utterances")
 MAX_ROUTES = 64
 MAX_UTTERANCES = 1000
 MAX_UTTERANCE_CHARS = 2000
@@ -244,6 +245,9 @@ class RouteSpec:
     target: str
     utterances: tuple[str, ...]
     threshold: float | None = None
+    # The adapter's folder as vLLM sees it. When vLLM does not serve `target`
+    # yet, the router loads it from here (vLLM must allow runtime LoRA updates).
+    path: str | None = None
 
 
 def parse_routes(text: str) -> tuple[RouteSpec, ...]:
@@ -319,11 +323,19 @@ def _parse_route(position: int, item: Any) -> RouteSpec:
             f"{label}: 'threshold' must be a number from 0 to 1, got {threshold!r}"
         )
 
+    path = item.get("path")
+    if path is not None and (not isinstance(path, str) or not path.strip()):
+        raise InvalidRoutes(
+            f"{label}: 'path' must be the adapter's folder on the vLLM host, "
+            f"got {path!r}"
+        )
+
     return RouteSpec(
         name=name,
         target=target.strip(),
         utterances=_parse_utterances(label, item.get("utterances")),
         threshold=None if threshold is None else float(threshold),
+        path=None if path is None else path.strip(),
     )
 
 
@@ -451,8 +463,8 @@ class Valves(BaseModel):
         ge=1,
         le=20,
         description="How many recent user messages routing reads. The last "
-        "message decides alone when it matches a route; otherwise the recent "
-        "ones together decide, so short follow-ups keep the conversation's route.",
+        "message decides alone when it matches a route; when it does not and "
+        "reads as a short follow-up, the recent ones together decide.",
     )
     SHOW_ROUTING_STATUS: bool = Field(
         default=True,
@@ -469,6 +481,17 @@ class Valves(BaseModel):
         gt=0,
         le=3600,
         description="Seconds to wait for vLLM's next bytes (first token included).",
+    )
+    METRICS_PORT: int = Field(
+        default=0,
+        ge=0,
+        le=65535,
+        description="Port for Prometheus metrics (routing decisions, fallbacks, "
+        "upstream errors, routing latency); 0 turns them off.",
+    )
+    METRICS_HOST: str = Field(
+        default="0.0.0.0",
+        description="Address the metrics port listens on.",
     )
     MODEL_LIST_TTL: float = Field(
         default=60.0,
@@ -602,6 +625,40 @@ def clip_for_routing(text: str) -> str:
     if len(text) > ROUTING_HEAD_CHARS + ROUTING_TAIL_CHARS:
         text = f"{text[:ROUTING_HEAD_CHARS]} ... {text[-ROUTING_TAIL_CHARS:]}"
     return text.encode("utf-8", errors="replace").decode("utf-8")
+
+
+# Words that point back at earlier turns ("how much of it", "is that bad").
+REFERRING_WORDS = frozenset(
+    "it its it's that this these those they them their theirs she her hers he "
+    "him his there same".split()
+)
+CONTINUATION_STARTS = (
+    "and ",
+    "but ",
+    "so ",
+    "also ",
+    "then ",
+    "what about ",
+    "how about ",
+    "what if ",
+)
+FOLLOW_UP_MAX_WORDS = 15
+
+
+def looks_like_follow_up(text: str) -> bool:
+    """Tell whether a message reads as a follow-up that needs earlier turns.
+
+    A short message that refers back ("And how much of it can I give her?") is
+    one; a short message that stands alone ("Write me a poem") starts a new
+    topic. The word lists are English only.
+    """
+    words = re.findall(r"[a-z']+", text.lower())
+    if not words or len(words) > FOLLOW_UP_MAX_WORDS:
+        return False
+    lowered = " ".join(words) + " "
+    return lowered.startswith(CONTINUATION_STARTS) or any(
+        word in REFERRING_WORDS for word in words
+    )
 
 
 def recent_user_texts(messages: Any, turns: int) -> list[str]:
@@ -781,8 +838,9 @@ class SemanticRouting:
         """Choose a route for a chat, or none.
 
         The last user message decides when a route passes its threshold on it.
-        Otherwise the recent user messages together decide, so a short follow-up
-        ("and how much can I give her?") stays with the conversation's route.
+        Otherwise, if it reads as a follow-up (or has no text), the recent user
+        messages together decide, so "and how much can I give her?" stays with
+        the conversation's route while "write me a poem" goes to the default.
         """
         started = time.perf_counter()
         texts = recent_user_texts(messages, self.user_turns)
@@ -793,7 +851,13 @@ class SemanticRouting:
         basis = "no text"
         if current:
             ranked, basis = self.scores(current), "message"
-        if conversation and conversation != current and not self._passes(ranked):
+        follow_up = not current or looks_like_follow_up(current)
+        if (
+            follow_up
+            and conversation
+            and conversation != current
+            and not self._passes(ranked)
+        ):
             joined = self.scores(conversation)
             if self._passes(joined) or not ranked:
                 ranked, basis = joined, "conversation"
@@ -952,6 +1016,21 @@ class VllmClient:
             "POST", "/chat/completions", stream=stream, payload=without_tools(payload)
         )
 
+    def load_adapter(self, name: str, path: str) -> None:
+        """Ask vLLM to load a LoRA adapter at run time.
+
+        Raises UnknownModel when vLLM does not offer the endpoint, which it
+        only does with VLLM_ALLOW_RUNTIME_LORA_UPDATING=True.
+        """
+        payload = {"lora_name": name, "lora_path": path}
+        try:
+            self._send("POST", "/load_lora_adapter", stream=False, payload=payload)
+        except UpstreamHTTPError as exc:
+            # vLLM returns 400 for a name it already serves: the goal is met.
+            if exc.status == 400 and "already" in str(exc).lower():
+                return
+            raise
+
     def _send(
         self,
         method: str,
@@ -1035,6 +1114,140 @@ def upstream_error_detail(response: requests.Response) -> str:
         if isinstance(detail, str):
             return detail[:300]
     return json.dumps(body)[:300]
+
+
+# --- Adapters loaded on demand ------------------------------------------------
+
+
+class AdapterLoader:
+    """Loads a route's adapter into vLLM once, however many requests need it.
+
+    Concurrent first requests wait for the one load. A failed load is not
+    retried for RETRY_AFTER seconds, so a broken path does not cost every
+    request a round trip.
+    """
+
+    RETRY_AFTER = 30.0
+
+    def __init__(self) -> None:
+        self._locks: dict[str, threading.Lock] = {}
+        self._locks_lock = threading.Lock()
+        self._failures: dict[str, tuple[float, str]] = {}
+
+    def ensure(
+        self, client: VllmClient, catalog: "ModelCatalog", name: str, path: str
+    ) -> str | None:
+        """Load adapter `name` from `path` unless vLLM serves it; return why not."""
+        with self._locks_lock:
+            lock = self._locks.setdefault(name, threading.Lock())
+        with lock:
+            if name in catalog.names():
+                return None
+            failed = self._failures.get(name)
+            if failed and time.monotonic() - failed[0] < self.RETRY_AFTER:
+                return failed[1]
+            try:
+                client.load_adapter(name, path)
+            except UnknownModel:
+                reason = (
+                    "vLLM does not load adapters at run time; start it with "
+                    "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True or register the "
+                    "adapter with --lora-modules"
+                )
+            except UpstreamError as exc:
+                reason = f"loading it from {path} failed: {exc}"
+            else:
+                catalog.refresh(client)
+                self._failures.pop(name, None)
+                log.info("loaded adapter %s from %s into vLLM", name, path)
+                return None
+            self._failures[name] = (time.monotonic(), reason)
+            return reason
+
+
+# --- Metrics --------------------------------------------------------------------
+
+
+class Metrics:
+    """Prometheus counters for routing, served on METRICS_PORT when it is set.
+
+    The Pipelines server re-imports the plugin on every reload, so the metric
+    objects and the HTTP server are kept on the prometheus_client module,
+    which is imported once per process, and reused.
+    """
+
+    def __init__(self) -> None:
+        self.enabled = False
+        self._metrics: dict[str, Any] = {}
+
+    def serve(self, host: str, port: int) -> None:
+        if not port:
+            return
+        try:
+            import prometheus_client
+        except ImportError:
+            log.error("METRICS_PORT is set but prometheus-client is not installed")
+            return
+        state: dict[str, Any] = getattr(prometheus_client, "_lora_router_state", {})
+        if not state:
+            registry = prometheus_client.CollectorRegistry()
+            state = {
+                "registry": registry,
+                "servers": {},
+                "decisions": prometheus_client.Counter(
+                    "lora_router_decisions",
+                    "Routing decisions of auto, by route (none: default model).",
+                    ["route"],
+                    registry=registry,
+                ),
+                "fallbacks": prometheus_client.Counter(
+                    "lora_router_fallbacks",
+                    "Requests answered by the default model instead of the "
+                    "routed adapter, by reason.",
+                    ["reason"],
+                    registry=registry,
+                ),
+                "upstream_errors": prometheus_client.Counter(
+                    "lora_router_upstream_errors",
+                    "Failed requests to vLLM, by kind.",
+                    ["kind"],
+                    registry=registry,
+                ),
+                "routing_seconds": prometheus_client.Histogram(
+                    "lora_router_routing_seconds",
+                    "Time to choose a route (embedding and scoring).",
+                    buckets=(0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0),
+                    registry=registry,
+                ),
+            }
+            prometheus_client._lora_router_state = state  # type: ignore[attr-defined]
+        if (host, port) not in state["servers"]:
+            try:
+                state["servers"][(host, port)] = prometheus_client.start_http_server(
+                    port, addr=host, registry=state["registry"]
+                )
+            except OSError as exc:
+                log.error("metrics port %s:%d cannot be opened: %s", host, port, exc)
+                return
+            log.info("Prometheus metrics on %s:%d/metrics", host, port)
+        self._metrics = state
+        self.enabled = True
+
+    def decision(self, route: str | None, seconds: float) -> None:
+        if self.enabled:
+            self._metrics["decisions"].labels(route=route or "none").inc()
+            self._metrics["routing_seconds"].observe(seconds)
+
+    def fallback(self, reason: str) -> None:
+        if self.enabled:
+            self._metrics["fallbacks"].labels(reason=reason).inc()
+
+    def upstream_error(self, error: "UpstreamError") -> None:
+        if self.enabled:
+            kind = type(error).__name__
+            if isinstance(error, UpstreamHTTPError):
+                kind = f"http_{error.status}"
+            self._metrics["upstream_errors"].labels(kind=kind).inc()
 
 
 # --- Models offered: auto, the base model and every adapter -------------------
@@ -1336,6 +1549,7 @@ class Plan:
     events: list[dict[str, Any]]
     fallback: str | None = None  # the default model, if `model` turns out missing
     note: str | None = None
+    route: RouteSpec | None = None
 
 
 def upstream_payload(body: dict[str, Any], model: str) -> dict[str, Any]:
@@ -1375,6 +1589,8 @@ class Pipeline:
         self.client: VllmClient | None = None
         self.routing: SemanticRouting | None = None
         self.routing_error: str | None = "the router is not built yet"
+        self.adapters = AdapterLoader()
+        self.metrics = Metrics()
         self._applied: Valves | None = None
         self._apply_lock = threading.Lock()
 
@@ -1433,6 +1649,7 @@ class Pipeline:
                 if old_client is not None:
                     old_client.close()
             self.catalog.refresh(self.client)  # type: ignore[arg-type]
+            self.metrics.serve(valves.METRICS_HOST, valves.METRICS_PORT)
 
             started = time.perf_counter()
             try:
@@ -1471,6 +1688,7 @@ class Pipeline:
             self.apply_valves()
             plan = self.plan(request_id, model_id, body)
         except UpstreamError as exc:
+            self.metrics.upstream_error(exc)
             return self._failure(
                 request_id, model_id, str(exc), exc.status_code, stream
             )
@@ -1518,15 +1736,44 @@ class Pipeline:
             decision.basis,
             decision.elapsed_ms,
         )
+        self.metrics.decision(
+            decision.route.name if decision.route else None,
+            decision.elapsed_ms / 1000,
+        )
         events = []
         if self.valves.SHOW_ROUTING_STATUS:
             events.append(status_event(describe_decision(decision, model)))
 
-        if model != default and not self.catalog.serves(model, self.client):
-            note = self.missing_note(model, default)
-            log.warning("request %s: %s", request_id, note)
-            return Plan(default, [status_event(note)], note=note)
-        return Plan(model, events, fallback=default if model != default else None)
+        plan = Plan(model, events, route=decision.route)
+        if model != default:
+            plan.fallback = default
+            if not self.catalog.serves(model, self.client):
+                reason = self.load_adapter(plan)
+                if reason is not None:
+                    self.fall_back(request_id, plan, reason)
+        return plan
+
+    def load_adapter(self, plan: Plan) -> str | None:
+        """Load the routed adapter from its route's path; return why it is missing."""
+        route = plan.route
+        if route is None or route.path is None:
+            return "Register it with --lora-modules or fix the route's target."
+        assert self.client is not None
+        return self.adapters.ensure(self.client, self.catalog, route.target, route.path)
+
+    def fall_back(self, request_id: str, plan: Plan, reason: str) -> None:
+        """Send `plan` to the default model and tell the user why."""
+        assert plan.fallback is not None
+        plan.note = (
+            f"{plan.model} is not served by vLLM at {self.valves.VLLM_BASE_URL}, so "
+            f"{plan.fallback} answered. {reason[0].upper()}{reason[1:]}"
+        )
+        if not plan.note.endswith("."):
+            plan.note += "."
+        log.warning("request %s: %s", request_id, plan.note)
+        self.metrics.fallback("adapter_missing")
+        plan.events = [status_event(plan.note)]
+        plan.model, plan.fallback = plan.fallback, None
 
     def default_model(self) -> str:
         if self.valves.DEFAULT_MODEL:
@@ -1554,28 +1801,25 @@ class Pipeline:
             )
         return served.name
 
-    def missing_note(self, model: str, default: str) -> str:
-        return (
-            f"{model} is not served by vLLM at {self.valves.VLLM_BASE_URL}, so "
-            f"{default} answered. Register it with --lora-modules or fix the route's "
-            "target."
-        )
-
     def _open(
         self, request_id: str, body: dict[str, Any], plan: Plan, stream: bool
     ) -> requests.Response:
-        """Send the request to vLLM; on a 404 for a routed adapter, use the default."""
+        """Send the request to vLLM.
+
+        On a 404 for a routed adapter (vLLM restarted without it, say), load it
+        from its route's path and retry, or else use the default model.
+        """
         assert self.client is not None
         try:
             return self.client.chat(upstream_payload(body, plan.model), stream)
         except UnknownModel:
             if plan.fallback is None:
                 raise
-        plan.note = self.missing_note(plan.model, plan.fallback)
-        log.warning("request %s: %s", request_id, plan.note)
-        plan.events = [status_event(plan.note)]
-        plan.model = plan.fallback
-        self.catalog.refresh_in_background(self.client)
+        self.catalog.refresh(self.client)
+        reason = self.load_adapter(plan)
+        if reason is None:
+            return self.client.chat(upstream_payload(body, plan.model), stream)
+        self.fall_back(request_id, plan, reason)
         return self.client.chat(upstream_payload(body, plan.model), stream)
 
     def _stream(self, request_id: str, body: dict[str, Any], plan: Plan) -> "SSEStream":
@@ -1583,6 +1827,7 @@ class Pipeline:
             response = self._open(request_id, body, plan, stream=True)
         except UpstreamError as exc:
             log.warning("request %s: %s", request_id, exc)
+            self.metrics.upstream_error(exc)
             return message_stream(plan.model, str(exc), plan.events)
         lines = relay_vllm_stream(response, plan.model, plan.events, request_id)
         return SSEStream(lines, upstream=response)
@@ -1592,6 +1837,7 @@ class Pipeline:
             response = self._open(request_id, body, plan, stream=False)
             result = response.json()
         except UpstreamError as exc:
+            self.metrics.upstream_error(exc)
             return self._failure(
                 request_id, plan.model, str(exc), exc.status_code, stream=False
             )
@@ -1632,3 +1878,75 @@ def _client_settings(valves: Valves) -> tuple[Any, ...]:
         valves.VLLM_CONNECT_TIMEOUT,
         valves.VLLM_READ_TIMEOUT,
     )
+
+
+# --- Open WebUI Function: the same router without a Pipelines server ----------
+
+
+class Pipe:
+    """The same manifold as an Open WebUI Function (Admin > Functions).
+
+    Open WebUI loads this class when the file is installed as a Function. It
+    shares Pipeline's core; only the calling convention differs: the routing
+    status goes through `__event_emitter__`, and the stream is handed back as
+    a StreamingResponse, which Open WebUI passes through without adding a
+    second finish or [DONE].
+    """
+
+    Valves = Valves
+
+    def __init__(self) -> None:
+        self.core = Pipeline()
+        self.valves = self.core.valves
+
+    def _sync_valves(self) -> None:
+        # Open WebUI assigns saved valves to `self.valves` directly.
+        self.core.valves = self.valves
+        self.core.apply_valves()
+
+    async def pipes(self) -> list[dict[str, str]]:
+        import asyncio
+
+        await asyncio.to_thread(self._sync_valves)
+        return self.core.pipelines()
+
+    async def pipe(
+        self,
+        body: dict[str, Any],
+        __event_emitter__: Any = None,
+        __task__: str | None = None,
+    ) -> Any:
+        import asyncio
+
+        model = str(body.get("model", ""))
+        model_id = model.split(".", 1)[1] if "." in model else model
+        if __task__:
+            # Open WebUI removes `metadata` from a Function's body and passes
+            # the background task on its own.
+            body = {**body, "metadata": {"task": __task__}}
+
+        await asyncio.to_thread(self._sync_valves)
+        result = await asyncio.to_thread(
+            self.core.pipe, None, model_id, body.get("messages") or [], body
+        )
+        if not isinstance(result, SSEStream):
+            return result
+
+        lines: list[str] = []
+        while True:
+            item = await asyncio.to_thread(next, result, None)
+            if not isinstance(item, dict):
+                break
+            if __event_emitter__ is not None:
+                await __event_emitter__(item["event"])
+        if item is not None:
+            lines.append(item)
+
+        from starlette.responses import StreamingResponse
+
+        def sse() -> Iterator[str]:
+            for line in itertools.chain(lines, result):
+                if isinstance(line, str):
+                    yield f"{line}\n\n"
+
+        return StreamingResponse(sse(), media_type="text/event-stream")

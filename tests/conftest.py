@@ -11,8 +11,11 @@ import os
 import shutil
 from collections.abc import Generator, Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import pytest
+import requests
+from livechat import get_valves, live_valves_env, update_valves
 
 from servers import (
     RUNNING,
@@ -138,3 +141,37 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     """Print vLLM's startup time and memory, to watch them across CI runs."""
     for line in VLLM_SUMMARY:
         terminalreporter.write_line(line)
+
+
+@pytest.fixture(scope="module")
+def pipelines(
+    vllm_server: VLLMServer, encoder_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[PipelinesServer]:
+    """One Pipelines server with the plugin, pointed at vllm_server, per module.
+
+    Its valves are the test encoder with ROUTER_SCORE_THRESHOLD 0.4; a test that
+    changes them uses `restore_valves`.
+    """
+    pipelines_dir = tmp_path_factory.mktemp("pipelines")
+    shutil.copy(PLUGIN_PATH, pipelines_dir / PLUGIN_PATH.name)
+    server = start_pipelines(
+        pipelines_dir, live_valves_env(vllm_server.api_base, encoder_dir)
+    )
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def base_name(vllm_server: VLLMServer) -> str:
+    """vLLM's name for the base model, as /v1/models lists it."""
+    models = requests.get(f"{vllm_server.api_base}/models", timeout=10).json()["data"]
+    return next(str(m["id"]) for m in models if not m.get("parent"))
+
+
+@pytest.fixture
+def restore_valves(pipelines: PipelinesServer) -> Iterator[dict[str, Any]]:
+    """Yield the current valves and put them back after the test."""
+    saved = get_valves(pipelines)
+    yield saved
+    response = update_valves(pipelines, saved)
+    assert response.status_code == 200, response.text

@@ -100,3 +100,33 @@ def direct_text(vllm_api_base: str, model: str, messages: list[dict[str, Any]]) 
     )
     response.raise_for_status()
     return response.json()["choices"][0]["message"]["content"]
+
+
+def live_valves_env(vllm_api_base: str, encoder_dir: Any) -> dict[str, str]:
+    """Return the environment that points the plugin at test vLLM and encoder."""
+    return {
+        "VLLM_BASE_URL": vllm_api_base,
+        "ENCODER_MODEL": TEST_ENCODER,
+        "ENCODER_LOCAL_DIR": str(encoder_dir),
+        "ROUTER_SCORE_THRESHOLD": TEST_THRESHOLD,
+        "HF_HUB_OFFLINE": "1",
+    }
+
+
+def valves_url(server: Any) -> str:
+    return f"{server.base_url}/{PIPELINE_ID}/valves"
+
+
+def get_valves(server: Any) -> dict[str, Any]:
+    response = requests.get(valves_url(server), timeout=10)
+    response.raise_for_status()
+    return response.json()
+
+
+def update_valves(
+    server: Any, valves: dict[str, Any], **changes: Any
+) -> requests.Response:
+    """POST the whole valve set with `changes`, as Open WebUI does."""
+    return requests.post(
+        f"{valves_url(server)}/update", json={**valves, **changes}, timeout=60
+    )

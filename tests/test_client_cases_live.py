@@ -17,16 +17,12 @@ from livechat import (
     TEST_THRESHOLD,
     complete_chat,
     direct_text,
+    get_valves,
     stream_chat,
+    update_valves,
     user,
 )
 from plugin_loader import load_plugin
-from test_routing_live import (  # noqa: F401 - shared module fixtures
-    base_name,
-    pipelines,
-    restore_valves,
-    update_valves,
-)
 
 from servers import free_port
 
@@ -201,8 +197,7 @@ def test_missing_adapter_falls_back_to_base_with_note(
 
 
 def pipelines_vllm(server):
-    valves = requests.get(f"{server.base_url}/{PIPELINE_ID}/valves", timeout=10)
-    return valves.json()["VLLM_BASE_URL"]
+    return get_valves(server)["VLLM_BASE_URL"]
 
 
 def test_vllm_down_gives_message_naming_url(pipelines, restore_valves):
@@ -269,7 +264,7 @@ def test_encoder_failure_keeps_server_up_until_fixed(
     )
     assert by_hand.models == {"doctor"}
 
-    valves = requests.get(f"{server.base_url}/{PIPELINE_ID}/valves", timeout=10).json()
+    valves = get_valves(server)
     response = update_valves(server, valves, ENCODER_LOCAL_DIR=str(encoder_dir))
     assert response.status_code == 200, response.text
     fixed = stream_chat(server.base_url, {"messages": user(MEDICAL)})

@@ -5,7 +5,6 @@ and greedy text that only that adapter produces at temperature 0.
 """
 
 import json
-from pathlib import Path
 
 import pytest
 import requests
@@ -15,64 +14,13 @@ from livechat import (
     MEDICAL,
     PIPELINE_ID,
     SMALL_TALK,
-    TEST_ENCODER,
-    TEST_THRESHOLD,
     complete_chat,
     direct_text,
+    get_valves,
     stream_chat,
+    update_valves,
     user,
 )
-
-from servers import start_pipelines
-
-BASE = "tiny-base"
-
-
-@pytest.fixture(scope="module")
-def pipelines(vllm_server, encoder_dir, tmp_path_factory):
-    """One Pipelines server with the plugin for this module's tests."""
-    pipelines_dir = tmp_path_factory.mktemp("pipelines")
-    plugin = Path(__file__).resolve().parent.parent / "pipelines"
-    (pipelines_dir / "semantic_lora_router.py").write_bytes(
-        (plugin / "semantic_lora_router.py").read_bytes()
-    )
-    server = start_pipelines(
-        pipelines_dir,
-        {
-            "VLLM_BASE_URL": vllm_server.api_base,
-            "ENCODER_MODEL": TEST_ENCODER,
-            "ENCODER_LOCAL_DIR": str(encoder_dir),
-            "ROUTER_SCORE_THRESHOLD": TEST_THRESHOLD,
-            "HF_HUB_OFFLINE": "1",
-        },
-    )
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
-def base_name(vllm_server):
-    models = requests.get(f"{vllm_server.api_base}/models", timeout=10).json()["data"]
-    return next(m["id"] for m in models if not m.get("parent"))
-
-
-def valves_url(server):
-    return f"{server.base_url}/{PIPELINE_ID}/valves"
-
-
-@pytest.fixture
-def restore_valves(pipelines):
-    """Put the valves back as they were after a test that changes them."""
-    saved = requests.get(valves_url(pipelines), timeout=10).json()
-    yield saved
-    response = requests.post(f"{valves_url(pipelines)}/update", json=saved, timeout=60)
-    assert response.status_code == 200, response.text
-
-
-def update_valves(server, valves, **changes):
-    return requests.post(
-        f"{valves_url(server)}/update", json={**valves, **changes}, timeout=60
-    )
 
 
 def test_models_list_auto_base_and_adapters(pipelines, base_name):
@@ -211,7 +159,7 @@ def test_broken_routes_are_refused_and_old_routes_kept(
 
     assert response.status_code == 500
     assert message in response.json()["detail"]
-    current = requests.get(valves_url(pipelines), timeout=10).json()
+    current = get_valves(pipelines)
     assert current["ROUTES"] == restore_valves["ROUTES"]
     assert valves_file.read_text() == saved_file
     result = stream_chat(pipelines.base_url, {"messages": user(MEDICAL)})
