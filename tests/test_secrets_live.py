@@ -2,9 +2,10 @@
 
 The plugin runs in the real Pipelines server with VLLM_API_KEY set to a
 recognizable secret. FaultUpstream checks the bearer token as vLLM's --api-key
-does, so the first chat proves that the key is sent, and then every failure the
+does, so the first chat proves that the key is sent. Then every failure the
 fake can produce is requested, including an upstream error that repeats the
-request's Authorization header. The valves endpoint itself returns the key: that
+request's Authorization header. A second test uses real vLLM started with
+--api-key. The valves endpoint itself returns the key: that
 is upstream Pipelines' design (its valves endpoints are not authenticated), so it
 is left out here and the deploy files keep that port inside the stack.
 """
@@ -23,7 +24,7 @@ from streamcheck import (
     start_plugin_server,
 )
 
-from servers import free_port
+from servers import free_port, start_vllm
 
 SECRET = f"sk-slr-canary-{secrets.token_hex(12)}"
 FAULTS = ["http500", "http503", "leaky500", "not_found", "cut", "malformed", "silent"]
@@ -104,3 +105,48 @@ def test_key_stays_out_of_logs_and_replies(server, guarded):
     assert SECRET not in log
     for reply in replies:
         assert SECRET not in reply
+
+
+@pytest.mark.slow
+def test_key_for_real_vllm_stays_out_of_logs_and_replies(
+    tiny_model_dir, vllm_python, encoder_dir, tmp_path_factory, start_pipelines_server
+):
+    wrong = f"sk-slr-wrong-{secrets.token_hex(12)}"
+    vllm = start_vllm(
+        tiny_model_dir,
+        tmp_path_factory.mktemp("vllm-with-key"),
+        extra_args=["--api-key", SECRET],
+        python=vllm_python,
+    )
+    try:
+        assert requests.get(f"{vllm.api_base}/models", timeout=10).status_code == 401
+        env = plugin_env(vllm.api_base, encoder_dir, VLLM_API_KEY=SECRET)
+        server = start_pipelines_server(env)
+        replies = []
+
+        working = read_stream(server.base_url, {"messages": user(MEDICAL)})
+        assert_well_formed(working)
+        assert working.models == {"doctor"}, "the key was not sent"
+
+        # Requests that vLLM rejects: too many tokens, n > 1 with greedy sampling.
+        for extra in ({"max_tokens": 4000}, {"n": 2, "temperature": 0}):
+            body = {"messages": user(MEDICAL), **extra}
+            result = read_stream(server.base_url, body)
+            assert_well_formed(result)
+            assert "vLLM returned HTTP 400" in result.text
+            replies += [result.raw, post_json(server.base_url, body).text]
+
+        response = update_valves(server, VLLM_API_KEY=wrong)
+        assert response.status_code == 200, response.text
+        rejected = read_stream(server.base_url, {"messages": user(MEDICAL)})
+        assert "vLLM returned HTTP 401: Unauthorized" in rejected.text
+        replies += [rejected.raw, post_json(server.base_url, {"messages": []}).text]
+
+        log = server.log_path.read_text(encoding="utf-8", errors="replace")
+        assert "vLLM returned HTTP 401" in log
+        for key in (SECRET, wrong):
+            assert key not in log
+            for reply in replies:
+                assert key not in reply
+    finally:
+        vllm.stop()
