@@ -220,10 +220,13 @@ def dockerfile_base_images(path: Path) -> list[str]:
 
 
 def dockerfile_copies(path: Path) -> list[tuple[list[str], str]]:
-    """Return (sources, destination) for each COPY, without --flags."""
+    """Return (sources, destination) for each COPY from the build context.
+
+    COPY --from reads another build stage, not the context, and is left out.
+    """
     copies = []
     for keyword, rest in dockerfile_instructions(path):
-        if keyword != "COPY":
+        if keyword != "COPY" or "--from=" in rest:
             continue
         parts = [part for part in rest.split() if not part.startswith("--")]
         copies.append((parts[:-1], parts[-1]))
@@ -390,6 +393,8 @@ def test_compose_images_are_pinned() -> None:
         assert "image" in service, f"{name} has no image"
         assert image_is_pinned(service["image"]), f"{name}: {service['image']}"
         if "build" in service:
+            # The local tag must never be looked up in a registry.
+            assert service["pull_policy"] == "build", name
             dockerfile = (
                 REPO / service["build"]["context"] / service["build"]["dockerfile"]
             )
@@ -639,10 +644,11 @@ def test_core_tests_load_same_plugin_file() -> None:
     import conftest
     import plugin_loader
 
+    pipelines_dir = dockerfile_env(PIPELINES_DOCKERFILE)["PIPELINES_DIR"]
     installed = [
         destination
         for sources, destination in dockerfile_copies(PIPELINES_DOCKERFILE)
-        if sources == ["pipelines/semantic_lora_router.py"]
+        if destination.startswith(pipelines_dir)
     ]
     assert Path(conftest.PLUGIN_PATH).samefile(PLUGIN_FILE)
     assert Path(plugin_loader.PLUGIN_PATH).samefile(PLUGIN_FILE)
@@ -718,6 +724,66 @@ def test_prepare_image_builds_plugin(tmp_path: Path) -> None:
 
     assert result.returncode == 0, result.stderr
     assert "plugin semantic_lora_router.py loads" in result.stdout
+
+
+def fastembed_cache(encoder_dir: Path, cache: Path) -> None:
+    """Lay out encoder_dir as fastembed's Hugging Face cache of all-MiniLM-L6-v2.
+
+    That is the layout the image build leaves in ENCODER_LOCAL_DIR for
+    BAAI/bge-small-en-v1.5, which the tests cannot download.
+    """
+    repo = cache / "models--Qdrant--all-MiniLM-L6-v2-onnx"
+    commit = "0" * 40
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit, encoding="utf-8")
+    for name in (
+        "model.onnx",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "config.json",
+    ):
+        (snapshot / name).symlink_to(encoder_dir / name)
+
+
+def test_prepare_image_encoder_loads_offline(encoder_dir: Path, tmp_path: Path) -> None:
+    fastembed_cache(encoder_dir, tmp_path / "encoder")
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+
+    result = subprocess.run(
+        [sys.executable, str(PREPARE_IMAGE), "encoder"]
+        + ["sentence-transformers/all-MiniLM-L6-v2", str(tmp_path / "encoder")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        check=False,
+    )
+
+    assert result.returncode == 0, result.stderr
+    expected = "encoder sentence-transformers/all-MiniLM-L6-v2 loads offline"
+    assert f"{expected}, dimension 384" in result.stdout
+
+
+def test_prepare_image_encoder_fails_without_model(tmp_path: Path) -> None:
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+
+    result = subprocess.run(
+        [sys.executable, str(PREPARE_IMAGE), "encoder"]
+        + ["sentence-transformers/all-MiniLM-L6-v2", str(tmp_path / "empty")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        check=False,
+    )
+
+    assert result.returncode != 0
+    assert (
+        "Could not load model sentence-transformers/all-MiniLM-L6-v2" in result.stderr
+    )
 
 
 def test_prepare_image_rejects_plugin_without_pipeline(tmp_path: Path) -> None:
