@@ -643,6 +643,10 @@ CONTINUATION_STARTS = (
     "what if ",
 )
 FOLLOW_UP_MAX_WORDS = 15
+# A follow-up leaves the conversation's route only for a route it matches by
+# this much above that route's threshold. NOTE: chosen on all-MiniLM-L6-v2,
+# whose scores spread wider than bge-small-en-v1.5's.
+FOLLOW_UP_MARGIN = 0.15
 
 
 def looks_like_follow_up(text: str) -> bool:
@@ -838,9 +842,10 @@ class SemanticRouting:
         """Choose a route for a chat, or none.
 
         The last user message decides when a route passes its threshold on it.
-        Otherwise, if it reads as a follow-up (or has no text), the recent user
-        messages together decide, so "and how much can I give her?" stays with
-        the conversation's route while "write me a poem" goes to the default.
+        A message that reads as a follow-up (or has no text) must pass by
+        FOLLOW_UP_MARGIN; otherwise the recent user messages together decide,
+        so "and how much can I give her?" stays with the conversation's route
+        while "write me a poem" goes to the default model.
         """
         started = time.perf_counter()
         texts = recent_user_texts(messages, self.user_turns)
@@ -856,7 +861,7 @@ class SemanticRouting:
             follow_up
             and conversation
             and conversation != current
-            and not self._passes(ranked)
+            and not self._passes(ranked, margin=FOLLOW_UP_MARGIN)
         ):
             joined = self.scores(conversation)
             if self._passes(joined) or not ranked:
@@ -875,8 +880,8 @@ class SemanticRouting:
             basis=basis,
         )
 
-    def _passes(self, ranked: list[tuple[str, float]]) -> bool:
-        return bool(ranked) and ranked[0][1] >= self.threshold(ranked[0][0])
+    def _passes(self, ranked: list[tuple[str, float]], margin: float = 0.0) -> bool:
+        return bool(ranked) and ranked[0][1] >= self.threshold(ranked[0][0]) + margin
 
 
 def _build_index_router(
@@ -1407,6 +1412,7 @@ class SSEStream(Iterator[Any]):
             watchdog.watch(self)
 
     def __next__(self) -> Any:
+        watchdog.pulled(self.waiting_since)
         self.waiting_since = None
         try:
             line = next(self._lines)
@@ -1433,6 +1439,10 @@ class SSEStream(Iterator[Any]):
 # pulls again as soon as it has sent a line, so only a client that went away (or
 # a server starved of threads for this long) leaves a stream waiting.
 ABANDONED_AFTER = 0.75
+# An overloaded server pulls every stream late, but in the order the streams
+# became ready. Streams that became ready within this many seconds of each
+# other may be pulled in either order.
+PULL_ORDER_SLACK = 0.25
 
 
 class AbandonedStreamWatchdog:
@@ -1443,6 +1453,31 @@ class AbandonedStreamWatchdog:
         self._streams: set[SSEStream] = set()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
+        # When the server last pulled from any stream, and the latest moment
+        # at which a stream it pulled from had become ready.
+        self.last_pull = 0.0
+        self.newest_ready_pulled = 0.0
+
+    def pulled(self, ready_since: float | None) -> None:
+        """Note that the server pulled from a stream ready since `ready_since`."""
+        self.last_pull = time.monotonic()
+        if ready_since is not None and ready_since > self.newest_ready_pulled:
+            self.newest_ready_pulled = ready_since
+
+    def is_abandoned(self, stream: SSEStream, now: float) -> bool:
+        """Tell whether nobody will pull from `stream` again.
+
+        Waiting longer than ABANDONED_AFTER is not enough: 128 clients at once
+        made the server pull every stream that late (bench/load.py cut 260 of
+        695 chats). So the server must also have pulled, since then, a stream
+        that became ready later, or have pulled nothing at all.
+        """
+        since = stream.waiting_since
+        if since is None or now - since <= ABANDONED_AFTER:
+            return False
+        skipped = self.newest_ready_pulled > since + PULL_ORDER_SLACK
+        stalled = now - self.last_pull > ABANDONED_AFTER
+        return skipped or stalled
 
     def watch(self, stream: SSEStream) -> None:
         with self._lock:
@@ -1462,12 +1497,7 @@ class AbandonedStreamWatchdog:
             time.sleep(self.interval)
             now = time.monotonic()
             with self._lock:
-                idle = [
-                    stream
-                    for stream in self._streams
-                    if stream.waiting_since is not None
-                    and now - stream.waiting_since > ABANDONED_AFTER
-                ]
+                idle = [s for s in self._streams if self.is_abandoned(s, now)]
                 self._streams.difference_update(idle)
             for stream in idle:
                 log.info("stream abandoned by its client; closing the request to vLLM")
