@@ -12,6 +12,7 @@ whose text names the problem, or in an HTTP error with that sentence.
 import json
 import re
 import socket
+import threading
 import time
 from typing import Any
 
@@ -301,6 +302,52 @@ def test_client_disconnect_aborts_vllm_request(on_vllm, vllm_server):
         f"the whole answer takes {whole:.2f} s"
     )
     assert "stream abandoned by its client" in on_vllm.log_tail(50)
+
+
+def open_raw_stream(server, body: dict[str, Any]) -> socket.socket:
+    """Send a streaming chat over a raw socket, so the test decides when to close."""
+    data = json.dumps(body).encode()
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=30)
+    sock.sendall(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: test\r\n"
+        b"Content-Type: application/json\r\n"
+        + f"Content-Length: {len(data)}\r\n\r\n".encode()
+        + data
+    )
+    return sock
+
+
+def test_disconnect_among_live_streams_closes_only_it(on_vllm, vllm_server):
+    """A stream whose client left is closed, while a live one streams on."""
+    body = {**LONG_ANSWER, "model": f"{PIPELINE_ID}.doctor", "stream": True}
+    live_text: list[str] = []
+
+    def read_live() -> None:
+        live_text.append(read_stream(on_vllm.base_url, body, timeout=120).text)
+
+    live = threading.Thread(target=read_live)
+    live.start()
+    leaving = open_raw_stream(on_vllm, body)
+    received = b""
+    while received.count(b'"content"') < 3:
+        received += leaving.recv(65536)
+    assert vllm_metrics(vllm_server)["running"] == 2
+    leaving.close()
+    closed_at = time.monotonic()
+
+    running = 2.0
+    while running == 2 and time.monotonic() - closed_at < 10:
+        running = vllm_metrics(vllm_server)["running"]
+        time.sleep(0.02)
+    close_seconds = time.monotonic() - closed_at
+    live.join(120)
+    print(f"vLLM closed the left stream {close_seconds:.2f} s after its client left")
+
+    assert running < 2, "vLLM still runs both requests 10 s after one client left"
+    assert close_seconds < 1.0
+    assert live_text, "the live stream did not finish"
+    assert CUT_NOTE not in live_text[0]
+    assert len(live_text[0]) > 400, "the live stream stopped early"
 
 
 @pytest.mark.slow
