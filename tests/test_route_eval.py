@@ -67,11 +67,12 @@ def plugin():
     return tool.load_plugin()
 
 
-@pytest.fixture
-def small_files(tmp_path):
-    routes = tmp_path / "routes.yaml"
+@pytest.fixture(scope="module")
+def small_files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("small")
+    routes = folder / "routes.yaml"
     routes.write_text(SMALL_ROUTES, encoding="utf-8")
-    examples = tmp_path / "examples.jsonl"
+    examples = folder / "examples.jsonl"
     examples.write_text(
         "".join(
             json.dumps({"text": text, "route": route}) + "\n"
@@ -151,13 +152,19 @@ def test_small_set_metrics_are_exact(plugin, small_files, encoder_dir):
     assert metrics.recall(None) == 2 / 4
 
 
-def test_command_prints_report(small_files, encoder_dir, tmp_path):
+@pytest.fixture(scope="module")
+def small_run(small_files, encoder_dir):
+    """One run of the command on the small set, with its plot file."""
     routes_path, examples_path = small_files
-    plot = tmp_path / "scores.png"
-
+    plot = routes_path.parent / "scores.png"
     result = run_tool(
         routes_path, examples_path, *encoder_args(encoder_dir), "--plot", plot
     )
+    return result, plot
+
+
+def test_command_prints_report(small_run):
+    result, _ = small_run
 
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
@@ -194,13 +201,8 @@ def test_csv_examples_read_like_jsonl(plugin, small_files, tmp_path):
 # --- Plot -------------------------------------------------------------------------
 
 
-def test_plot_has_expected_size(small_files, encoder_dir, tmp_path):
-    routes_path, examples_path = small_files
-    plot = tmp_path / "scores.png"
-
-    result = run_tool(
-        routes_path, examples_path, *encoder_args(encoder_dir), "--plot", plot
-    )
+def test_plot_has_expected_size(small_run):
+    result, plot = small_run
 
     assert result.returncode == 0, result.stderr
     assert f"score plot written to {plot}" in result.stdout

@@ -225,14 +225,35 @@ def build_routing(
 
 
 def score_examples(routing: Any, examples: list[Example]) -> Scored:
-    """Route every example as a one-message chat and record all route scores."""
+    """Route every example as a one-message chat and record all route scores.
+
+    The scores recorded are the ones the plugin's decide() computed for the
+    message, caught on their way, so each example is embedded once.
+    """
     names = list(routing.routes)
     scores, routed = [], []
-    for example in examples:
-        messages = [{"role": "user", "content": example.text}]
-        decision = routing.decide(messages)
-        routed.append(decision.route.name if decision.route else None)
-        scores.append(dict(routing.scores(example.text)))
+    seen: list[list[tuple[str, float]]] = []
+    compute = routing.scores
+
+    def remember(text: str) -> list[tuple[str, float]]:
+        ranked: list[tuple[str, float]] = compute(text)
+        seen.append(ranked)
+        return ranked
+
+    routing.scores = remember  # decide() calls self.scores, so this sees its scores
+    try:
+        for example in examples:
+            seen.clear()
+            decision = routing.decide([{"role": "user", "content": example.text}])
+            if len(seen) != 1:
+                raise RunError(
+                    f"{example.where}: the plugin scored this message {len(seen)} "
+                    "times, but the tool expects once; it cannot record its scores"
+                )
+            routed.append(decision.route.name if decision.route else None)
+            scores.append(dict(seen[0]))
+    finally:
+        del routing.scores
     return Scored(examples, names, scores, routed)
 
 
