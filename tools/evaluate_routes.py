@@ -240,7 +240,8 @@ def score_examples(routing: Any, examples: list[Example]) -> Scored:
         seen.append(ranked)
         return ranked
 
-    routing.scores = remember  # decide() calls self.scores, so this sees its scores
+    # decide() calls self.scores, so this instance attribute receives its calls.
+    routing.scores = remember
     try:
         for example in examples:
             seen.clear()
