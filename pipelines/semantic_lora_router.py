@@ -709,6 +709,13 @@ class RouteDecision:
     basis: str  # "message", "conversation" or "no text"
 
 
+# onnxruntime threads per encoder call. With its default (one per core) each
+# call uses every core and its idle threads spin after the call, taking CPU from
+# vLLM on the same machine. With one thread, concurrent requests still encode in
+# parallel, because Pipelines runs each pipe() call in its own thread. On a
+# loaded 2-core machine this halved the CPU time per routing decision.
+ENCODER_THREADS = 1
+
 _encoders: dict[tuple[str, str], Any] = {}
 _encoders_lock = threading.Lock()
 
@@ -740,7 +747,9 @@ def load_encoder(model: str, local_dir: str) -> Any:
                 from fastembed import TextEmbedding
 
                 return TextEmbedding(
-                    model_name=self.name, specific_model_path=self.model_path
+                    model_name=self.name,
+                    specific_model_path=self.model_path,
+                    threads=self.threads,
                 )
 
         has_onnx = bool(local_dir) and any(
@@ -751,6 +760,7 @@ def load_encoder(model: str, local_dir: str) -> Any:
                 name=model,
                 model_path=local_dir if has_onnx else None,
                 cache_dir=(local_dir or None) if not has_onnx else None,
+                threads=ENCODER_THREADS,
             )
         except Exception as exc:  # noqa: BLE001 - fastembed raises many kinds
             where = f"from {local_dir}" if local_dir else "(download)"
