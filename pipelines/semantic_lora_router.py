@@ -1040,6 +1040,12 @@ class VllmClient:
         payload = {"lora_name": name, "lora_path": path}
         try:
             self._send("POST", "/load_lora_adapter", stream=False, payload=payload)
+        except UnknownModel as exc:
+            # A missing endpoint is FastAPI's plain 404; a path that holds no
+            # adapter is a 404 with vLLM's own message.
+            if str(exc).endswith(": Not Found"):
+                raise
+            raise UpstreamHTTPError(str(exc), exc.status) from None
         except UpstreamHTTPError as exc:
             # vLLM returns 400 for a name it already serves: the goal is met.
             if exc.status == 400 and "already" in str(exc).lower():
@@ -1170,7 +1176,7 @@ class AdapterLoader:
                     "adapter with --lora-modules"
                 )
             except UpstreamError as exc:
-                reason = f"loading it from {path} failed: {exc}"
+                reason = f"Loading it from {path} failed: {exc}"
             else:
                 catalog.refresh(client)
                 self._failures.pop(name, None)
@@ -1806,7 +1812,7 @@ class Pipeline:
         assert plan.fallback is not None
         plan.note = (
             f"{plan.model} is not served by vLLM at {self.valves.VLLM_BASE_URL}, so "
-            f"{plan.fallback} answered. {reason[0].upper()}{reason[1:]}"
+            f"{plan.fallback} answered. {reason}"
         )
         if not plan.note.endswith("."):
             plan.note += "."
