@@ -48,6 +48,9 @@ sync_api = pytest.importorskip(
     reason="playwright is not installed in the test venv; run the tests with tests/run",
 )
 expect = sync_api.expect
+# Playwright's default of 5 s is too short for Open WebUI's admin pages on 2
+# busy cores: they load the model list through Pipelines before they show.
+expect.set_options(timeout=30_000)
 
 OPENWEBUI_BIN = os.environ.get("SLR_OPENWEBUI_BIN", "")
 CHROMIUM = os.environ.get("SLR_CHROMIUM", "/usr/bin/chromium")
