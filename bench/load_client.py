@@ -17,6 +17,10 @@ from typing import Any
 
 import aiohttp
 
+# The note the plugin appends when vLLM's stream ended early or was closed; a
+# stream that carries it counts as an error.
+CUT_OFF_NOTE = "[The answer from vLLM was cut off"
+
 
 @dataclass
 class Sample:
@@ -39,6 +43,7 @@ async def stream_one(
     started = time.perf_counter()
     ttft: float | None = None
     chunks_with_text = 0
+    cut_off = False
     usage_tokens: int | None = None
     model: str | None = None
     try:
@@ -67,17 +72,20 @@ async def stream_one(
                 if isinstance(usage, dict) and "completion_tokens" in usage:
                     usage_tokens = int(usage["completion_tokens"])
                 for choice in chunk.get("choices") or []:
-                    if (choice.get("delta") or {}).get("content"):
+                    content = (choice.get("delta") or {}).get("content")
+                    if content:
                         if ttft is None:
                             ttft = time.perf_counter() - started
                         chunks_with_text += 1
+                        cut_off = cut_off or CUT_OFF_NOTE in content
     except (TimeoutError, aiohttp.ClientError, ValueError) as exc:
         error = f"{type(exc).__name__}: {str(exc)[:200]}"
         return Sample(
             ttft, time.perf_counter() - started, chunks_with_text, model, error
         )
     tokens = chunks_with_text if usage_tokens is None else usage_tokens
-    return Sample(ttft, time.perf_counter() - started, tokens, model)
+    error = "the stream was cut off before it finished" if cut_off else None
+    return Sample(ttft, time.perf_counter() - started, tokens, model, error)
 
 
 async def run_batch(
