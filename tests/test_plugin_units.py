@@ -439,3 +439,44 @@ def test_sse_stream_is_not_a_generator():
     lines = list(stream)
     assert lines[-1] == "data: [DONE]"
     assert json.loads(lines[0][5:])["choices"][0]["delta"]["content"] == "vLLM is down"
+
+
+# --- Conversation-aware routing -------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "And how much of it can I give her?",
+        "Is it contagious?",
+        "what about for a 3 year old?",
+        "But is that safe for him?",
+    ],
+)
+def test_follow_up_detected(text):
+    assert plugin.looks_like_follow_up(text)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Write me a poem about autumn leaves",
+        "What's the capital of France?",
+        "Solve 3x + 7 = 22 step by step",
+        "",
+        "it " * 20,
+    ],
+)
+def test_new_topic_not_follow_up(text):
+    assert not plugin.looks_like_follow_up(text)
+
+
+def test_route_path_is_parsed():
+    (route,) = plugin.parse_routes(route_yaml(path=" /models/nurse "))
+    assert route.path == "/models/nurse"
+
+
+@pytest.mark.parametrize("path", ["", 3, ["a"]])
+def test_route_rejects_bad_path(path):
+    with pytest.raises(plugin.InvalidRoutes, match=r"'path' must be the adapter"):
+        plugin.parse_routes(route_yaml(path=path))
