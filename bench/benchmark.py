@@ -377,8 +377,18 @@ def run(size: Size, work_dir: Path, vllm_api_base: str | None) -> dict[str, Any]
         )
         litellm_first_s = first_answer_seconds(proxy, litellm_started, size)
 
+        # The Pipelines server and the plugin without routing: each request
+        # names the model that auto would pick, as the direct path does.
+        fixed = ChatPath(
+            "pipelines_fixed",
+            auto.url,
+            auto.headers,
+            lambda i: f"{PIPELINE_ID}.{targets[i % len(MIX)]}",
+            pipelines,
+        )
+
         paths = [direct, auto, proxy]
-        for path in paths:
+        for path in [*paths, fixed]:
             send_batch(
                 path.url,
                 path.headers,
@@ -394,6 +404,8 @@ def run(size: Size, work_dir: Path, vllm_api_base: str | None) -> dict[str, Any]
                 print(f"bench: {path.name} at concurrency {level}", flush=True)
                 path.results[str(level)] = run_level(path, level, offset, size, targets)
             offset += size.requests[level]
+        print("bench: pipelines_fixed at concurrency 1", flush=True)
+        fixed.results["1"] = run_level(fixed, 1, 0, size, targets)
 
         results = {
             "started_at": started_at,
@@ -407,6 +419,7 @@ def run(size: Size, work_dir: Path, vllm_api_base: str | None) -> dict[str, Any]
                 os.environ["SLR_VLLM_PYTHON"], litellm_python
             ),
             "paths": {path.name: path.results for path in paths},
+            "pipelines_fixed": fixed.results["1"],
             "router": router,
             "cold_start": {
                 "direct": direct_cold,
