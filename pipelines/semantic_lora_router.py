@@ -1459,6 +1459,39 @@ ABANDONED_AFTER = 0.75
 # became ready. Streams that became ready within this many seconds of each
 # other may be pulled in either order.
 PULL_ORDER_SLACK = 0.25
+# Under load the limit grows to this many times the longest recent wait of a
+# stream that the server did pull. That wait halves every PULL_DELAY_HALF_LIFE s.
+PULL_DELAY_FACTOR = 2.0
+PULL_DELAY_HALF_LIFE = 2.0
+# A watchdog tick this many seconds late means the process got no CPU.
+LATE_WAKE_UP = 0.2
+
+# The Pipelines server calls pipe() and each next() of a stream in anyio worker
+# threads, at most 40 at once by default. A stream holds a thread while it waits
+# for vLLM's next token, so with more streams than threads the rest wait for a
+# thread, and none is pulled while vLLM is slow. Threads are made only when needed.
+SERVER_THREADS = 256
+
+
+def raise_server_thread_limit() -> None:
+    """Raise the event loop's worker thread limit to SERVER_THREADS.
+
+    Must run in the server's event loop, as on_startup does. Elsewhere it does
+    nothing, and a higher limit that is already set is kept.
+    """
+    try:
+        import anyio.to_thread
+
+        limiter = anyio.to_thread.current_default_thread_limiter()
+    except (ImportError, RuntimeError):  # no anyio, or not in its event loop
+        return
+    if limiter.total_tokens < SERVER_THREADS:
+        log.info(
+            "raising the server's worker thread limit from %d to %d",
+            limiter.total_tokens,
+            SERVER_THREADS,
+        )
+        limiter.total_tokens = SERVER_THREADS
 
 
 class AbandonedStreamWatchdog:
@@ -1473,26 +1506,39 @@ class AbandonedStreamWatchdog:
         # at which a stream it pulled from had become ready.
         self.last_pull = 0.0
         self.newest_ready_pulled = 0.0
+        self.pull_delay = 0.0
+        # When this thread last woke up late: the whole process had no CPU, so
+        # no stream could be pulled, and waits count only from then.
+        self.resumed_at = 0.0
 
     def pulled(self, ready_since: float | None) -> None:
         """Note that the server pulled from a stream ready since `ready_since`."""
-        self.last_pull = time.monotonic()
-        if ready_since is not None and ready_since > self.newest_ready_pulled:
-            self.newest_ready_pulled = ready_since
+        now = time.monotonic()
+        if ready_since is not None:
+            decay = 0.5 ** ((now - self.last_pull) / PULL_DELAY_HALF_LIFE)
+            self.pull_delay = max(now - ready_since, self.pull_delay * decay)
+            if ready_since > self.newest_ready_pulled:
+                self.newest_ready_pulled = ready_since
+        self.last_pull = now
 
     def is_abandoned(self, stream: SSEStream, now: float) -> bool:
         """Tell whether nobody will pull from `stream` again.
 
-        Waiting longer than ABANDONED_AFTER is not enough: 128 clients at once
-        made the server pull every stream that late (bench/load.py cut 260 of
-        695 chats). So the server must also have pulled, since then, a stream
-        that became ready later, or have pulled nothing at all.
+        Waiting long is not enough, because an overloaded server pulls every
+        stream late: with a fixed 0.75 s limit, bench/load.py lost 9% of chats
+        at 64 clients and 37% at 128 on 2 busy cores. So the limit grows with
+        the longest recent wait of a stream that was pulled, and a wait counts
+        only from the last time the process got CPU again. Then the server must
+        also have pulled a stream that became ready later, or nothing at all.
         """
-        since = stream.waiting_since
-        if since is None or now - since <= ABANDONED_AFTER:
+        if stream.waiting_since is None:
             return False
-        skipped = self.newest_ready_pulled > since + PULL_ORDER_SLACK
-        stalled = now - self.last_pull > ABANDONED_AFTER
+        since = max(stream.waiting_since, self.resumed_at)
+        limit = max(ABANDONED_AFTER, PULL_DELAY_FACTOR * self.pull_delay)
+        if now - since <= limit:
+            return False
+        skipped = self.newest_ready_pulled > stream.waiting_since + PULL_ORDER_SLACK
+        stalled = now - max(self.last_pull, self.resumed_at) > limit
         return skipped or stalled
 
     def watch(self, stream: SSEStream) -> None:
@@ -1510,8 +1556,11 @@ class AbandonedStreamWatchdog:
 
     def _run(self) -> None:
         while True:
+            before = time.monotonic()
             time.sleep(self.interval)
             now = time.monotonic()
+            if now - before > self.interval + LATE_WAKE_UP:
+                self.resumed_at = now
             with self._lock:
                 idle = [s for s in self._streams if self.is_abandoned(s, now)]
                 self._streams.difference_update(idle)
@@ -1645,6 +1694,7 @@ class Pipeline:
     async def on_startup(self) -> None:
         import asyncio
 
+        raise_server_thread_limit()
         await asyncio.to_thread(self.apply_valves)
 
     async def on_shutdown(self) -> None:
