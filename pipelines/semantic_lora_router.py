@@ -27,8 +27,10 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_serializer,
     field_validator,
+    model_validator,
 )
 from requests.adapters import HTTPAdapter
 
@@ -399,6 +401,8 @@ def _routes_default() -> str:
 
 
 OPTIONAL_TEXT_VALVES = ("VLLM_API_KEY", "DEFAULT_MODEL", "ENCODER_LOCAL_DIR")
+# Validation context that checks a value as given, without environment defaults.
+WITHOUT_ENV: dict[str, bool] = {"without_env": True}
 
 
 class Valves(BaseModel):
@@ -553,6 +557,16 @@ class Valves(BaseModel):
     def _null_is_empty(cls, value: Any) -> Any:
         return "" if value is None else value
 
+    # Open WebUI builds a Function's valves as Valves(**saved), and the Pipelines
+    # server replaces the whole set on an update, so a valve that is not given
+    # takes its environment variable here, not only in Pipeline().
+    @model_validator(mode="before")
+    @classmethod
+    def _fill_from_env(cls, data: Any, info: ValidationInfo) -> Any:
+        if not isinstance(data, dict) or info.context is WITHOUT_ENV:
+            return data
+        return {**env_defaults(), **data}
+
     @field_serializer(*OPTIONAL_TEXT_VALVES)
     def _empty_is_null(self, value: str) -> str | None:
         return value or None
@@ -568,11 +582,11 @@ def supported_encoders() -> frozenset[str]:
     return frozenset(m["model"] for m in TextEmbedding.list_supported_models())
 
 
-def valves_from_env() -> Valves:
-    """Build the valves from environment variables of the same names.
+def env_defaults() -> dict[str, Any]:
+    """Return the valve values that environment variables of the same names set.
 
-    A variable with an invalid value is logged and left at its built-in default,
-    so one typo cannot stop the plugin from loading.
+    A variable with an invalid value is logged and left out, so the built-in
+    default applies and one typo cannot stop the plugin from loading.
     """
     values: dict[str, Any] = {"ROUTES": _routes_default()}
     for name in Valves.model_fields:
@@ -582,7 +596,7 @@ def valves_from_env() -> Valves:
     good: dict[str, Any] = {}
     for name, value in values.items():
         try:
-            Valves.model_validate({name: value})
+            Valves.model_validate({name: value}, context=WITHOUT_ENV)
         except ValidationError as exc:
             reason = exc.errors()[0]["msg"]
             log.error(
@@ -590,7 +604,12 @@ def valves_from_env() -> Valves:
             )
             continue
         good[name] = value
-    return Valves.model_validate(good)
+    return good
+
+
+def valves_from_env() -> Valves:
+    """Build the valves from the environment and the built-in defaults."""
+    return Valves()
 
 
 # --- Messages: what routing reads ---------------------------------------------

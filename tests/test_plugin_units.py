@@ -480,3 +480,17 @@ def test_route_path_is_parsed():
 def test_route_rejects_bad_path(path):
     with pytest.raises(plugin.InvalidRoutes, match=r"'path' must be the adapter"):
         plugin.parse_routes(route_yaml(path=path))
+
+
+def test_valves_not_given_take_env(monkeypatch):
+    monkeypatch.setenv("VLLM_BASE_URL", "http://10.0.0.5:8000")
+    monkeypatch.setenv("ROUTER_SCORE_THRESHOLD", "0.55")
+    valves = plugin.Valves(ROUTER_SCORE_THRESHOLD=0.3)
+    assert valves.VLLM_BASE_URL == "http://10.0.0.5:8000/v1"
+    assert valves.ROUTER_SCORE_THRESHOLD == 0.3
+
+
+def test_valves_from_open_webui_saved_empty_take_env(monkeypatch):
+    monkeypatch.setenv("VLLM_API_KEY", "sk-from-env")
+    assert plugin.Valves(**{}).VLLM_API_KEY == "sk-from-env"
+    assert plugin.Valves(VLLM_API_KEY=None).VLLM_API_KEY == ""

@@ -22,6 +22,7 @@ set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 REQUIREMENTS=$REPO/tests/requirements-e2e.txt
+FUNCTION_REQUIREMENTS=$REPO/tests/requirements-e2e-function.txt
 CACHE=${SLR_CACHE_DIR:-${HOME:?HOME is not set; set SLR_CACHE_DIR}/.cache/semantic-lora-router}
 PYTHON=${SLR_PYTHON:-python3}
 CHROMIUM=/usr/bin/chromium
@@ -83,6 +84,11 @@ build_openwebui_venv() {
     local dir=$1
     "$PYTHON" -m venv "$dir"
     "$dir/bin/python" -m pip install --disable-pip-version-check -r "$REQUIREMENTS"
+    "$dir/bin/python" -m pip install --disable-pip-version-check \
+        -r "$FUNCTION_REQUIREMENTS"
+    # Back to open-webui 0.12.4's own pin; see requirements-e2e-function.txt.
+    "$dir/bin/python" -m pip install --disable-pip-version-check aiofiles==25.1.0
+    "$dir/bin/python" -c 'import semantic_router, fastembed, prometheus_client, greenlet'
     "$dir/bin/python" -c 'import torch, open_webui; assert torch.version.cuda is None, torch.__version__'
     "$dir/bin/open-webui" --help >/dev/null
 }
@@ -127,7 +133,8 @@ flock 8
 
 # --- builds --------------------------------------------------------------------
 
-OPENWEBUI_VENV_KEY=$(hash_of "$PYTHON_ID" "recipe $OPENWEBUI_VENV_RECIPE" "$REQUIREMENTS")
+OPENWEBUI_VENV_KEY=$(hash_of "$PYTHON_ID" "recipe $OPENWEBUI_VENV_RECIPE" \
+    "$REQUIREMENTS" "$FUNCTION_REQUIREMENTS")
 build_cached openwebui-venv "$OPENWEBUI_VENV_KEY" build_openwebui_venv
 
 if [[ ! -x $CHROMIUM ]]; then
