@@ -6,9 +6,10 @@ chats to the auto model for DURATION seconds. The chats rotate through medical,
 math and small-talk questions, so all three targets (doctor, dcot, base) answer.
 
 Reports errors (must be 0), completed against started (must be equal), time
-to first token p50/p95, and the RSS of the Pipelines process after warm-up and
-at the end (growth must stay under 10%). Prints one summary line and writes
-bench/results/load.md and load.json with a description of the machine.
+to first token p50/p95, and the RSS of the Pipelines process after a warm-up at
+the same concurrency and at the end (growth must stay under 10%). Prints one
+summary line and writes bench/results/load.md and load.json with a description
+of the machine.
 
     ~/.cache/semantic-lora-router/test-venv/bin/python bench/load.py
     ... bench/load.py --clients 8 --duration 10      # a quick check
@@ -250,8 +251,16 @@ async def drive(
 def run_load(
     server: Any, base_model: str, clients: int, duration: float, max_tokens: int
 ) -> LoadResult:
-    """Warm the server up, run the load and measure the server's RSS around it."""
-    warm = asyncio.run(drive(server.base_url, base_model, 2, 2.0, max_tokens))
+    """Warm the server up, run the load and measure the server's RSS around it.
+
+    The warm-up runs the same number of clients for a few seconds, so the start
+    RSS already includes what that concurrency needs once (worker threads and
+    their buffers), and the growth shows what the load adds over time.
+    """
+    warm_seconds = min(5.0, duration / 2)
+    warm = asyncio.run(
+        drive(server.base_url, base_model, clients, warm_seconds, max_tokens)
+    )
     if warm.errors:
         raise RuntimeError(f"warm-up chats failed: {warm.error_examples[:3]}")
     rss_start = read_rss_bytes(server.pid) / 2**20
@@ -304,8 +313,9 @@ def write_results(result: LoadResult, host: dict[str, Any], out: Path) -> None:
         f"    {result.line()}\n\n"
         f"Machine: {host['cpu']}, {host['cores']} cores, {host['memory_gib']} GiB, "
         f"Python {host['python']}, load average {host['load_average_at_start']} "
-        f"at start, {host['date_utc']} UTC. vLLM, the Pipelines server and the "
-        "clients share these cores.\n\n"
+        f"at start and {host.get('load_average_at_end', '?')} at the end, "
+        f"{host['date_utc']} UTC. vLLM, the Pipelines server and the clients "
+        "share these cores, and other jobs may run beside them.\n\n"
         "| measure | value |\n|---|---|\n" + rows + "\n"
     )
 
@@ -369,6 +379,7 @@ def main() -> int:
             pipelines.stop()
             vllm.stop()
 
+    host["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     print(result.line())
     for example in result.error_examples[:5]:
         print(f"  error: {example}")
