@@ -84,3 +84,13 @@ def test_concurrent_decisions_equal_sequential(routing):
     assert [d.score for d in concurrent] == pytest.approx(
         [d.score for d in sequential], abs=1e-6
     )
+
+
+def test_encoder_keeps_input_order(routing):
+    encoder = routing.index_router.encoder
+    texts = ["a much longer text about headaches and fevers at night", "hi", MATH]
+    batch = encoder(texts)
+    assert len(batch) == len(texts)
+    for text, vector in zip(texts, batch, strict=True):
+        alone = next(iter(encoder._client.embed([text]))).tolist()
+        assert vector == pytest.approx(alone, abs=1e-5)
