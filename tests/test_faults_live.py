@@ -108,10 +108,11 @@ def test_connect_timeout_fires_within_its_limit(on_fake, set_valves):
 
         response = post_json(on_fake.base_url, {"messages": user(MEDICAL)})
 
+    print(f"connect timeout of 1 s: the reply ended after {elapsed:.2f} s")
     assert_well_formed(result)
     assert f"vLLM at {api_base} did not accept a connection within 1 s" in result.text
     # The 1 s connect limit fired, not the 60 s read limit.
-    assert 1.0 <= elapsed < 10, f"the reply took {elapsed:.1f} s"
+    assert 1.0 <= elapsed < 30, f"the reply took {elapsed:.1f} s"
     assert response.status_code == 504
     assert "did not accept a connection within 1 s" in response.json()["detail"]
 
@@ -123,11 +124,12 @@ def test_read_timeout_fires_within_its_limit(on_fake, clean_fake, set_valves):
     result = read_stream(on_fake.base_url, {"messages": user("[fault:silent] hi")})
     elapsed = time.monotonic() - started
 
+    print(f"read timeout of 1.5 s: the reply ended after {elapsed:.2f} s")
     assert_well_formed(result)
     assert f"vLLM at {clean_fake.api_base} sent nothing for 1.5 s" in result.text
     assert "VLLM_READ_TIMEOUT sets the limit" in result.text
     # The 1.5 s read limit fired, not the 60 s connect limit.
-    assert 1.5 <= elapsed < 10, f"the reply took {elapsed:.1f} s"
+    assert 1.5 <= elapsed < 30, f"the reply took {elapsed:.1f} s"
 
 
 def test_stream_that_stalls_midway_is_cut_with_note(on_fake, clean_fake, set_valves):
