@@ -10,7 +10,7 @@ test_fault_upstream.py checks that format against a stream captured from real vL
 A chat request gets the fault named in its last message, for example
 "[fault:cut] hello", or else the server's `fault` attribute. Faults:
 
-    none        a normal answer
+    none        a normal reply
     silent      read the request, then never answer
     http500     HTTP 500 with vLLM's error body
     http503     HTTP 503 with vLLM's error body
@@ -517,8 +517,9 @@ def stream_events(
 def blackhole_listener() -> Iterator[str]:
     """Yield an API base URL whose port never completes a TCP handshake.
 
-    The socket listens with a backlog of 0 and two connections nobody accepts
-    fill that queue, so Linux drops further SYNs and a client's connect times out.
+    The socket listens with a backlog of 0, and two connections that are never
+    accepted fill that queue. So Linux drops further SYNs, and a client's
+    connect times out.
     """
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     fillers: list[socket.socket] = []

@@ -162,8 +162,8 @@ def test_adapter_404_falls_back_to_base_with_note(on_fake, clean_fake):
     (note,) = result.statuses
     assert f"doctor is not served by vLLM at {clean_fake.api_base}" in note
     assert "so tiny-base answered" in note
-    asked = [request["model"] for request in clean_fake.chat_requests]
-    assert asked == ["doctor", "tiny-base"]
+    requested_models = [request["model"] for request in clean_fake.chat_requests]
+    assert requested_models == ["doctor", "tiny-base"]
 
 
 def test_adapter_404_by_hand_becomes_message(on_fake, clean_fake):

@@ -108,7 +108,7 @@ def test_key_stays_out_of_logs_and_replies(server, guarded):
 
 
 @pytest.mark.slow
-def test_key_for_real_vllm_stays_out_of_logs_and_replies(
+def test_real_vllm_key_stays_out_of_logs(
     tiny_model_dir, vllm_python, encoder_dir, tmp_path_factory, start_pipelines_server
 ):
     wrong = f"sk-slr-wrong-{secrets.token_hex(12)}"
