@@ -165,19 +165,35 @@ def summarize(
 
 
 def run_level(
-    path: ChatPath, level: int, offset: int, size: Size, targets: list[str]
+    path: ChatPath,
+    level: int,
+    offset: int,
+    size: Size,
+    targets: list[str],
+    vllm_pid: int | None,
 ) -> dict[str, Any]:
+    """Send one batch through `path` at concurrency `level` and summarize it.
+
+    `vllm_pid` is the vLLM server's PID when this run started it, so that
+    vLLM's own CPU time per request is reported beside the routing process's.
+    """
     count = size.requests[level]
     indexes = [offset + i for i in range(count)]
     bodies = [request_body(path.model_for(i), i, size) for i in indexes]
     expected = [targets[i % len(MIX)] for i in indexes]
     pid = path.server.pid if path.server is not None else None
-    cpu_before = cpu_seconds(pid) if pid else None
+    cpu_before = cpu_seconds(pid) if pid else 0.0
+    vllm_before = cpu_seconds(vllm_pid) if vllm_pid else 0.0
     load_before = os.getloadavg()[0]
+
     samples, wall = send_batch(path.url, path.headers, bodies, level)
-    cpu = cpu_seconds(pid) - cpu_before if pid and cpu_before is not None else None
+
+    cpu = cpu_seconds(pid) - cpu_before if pid else None
     result = summarize(samples, wall, cpu, expected)
     result["load_1min"] = load_before
+    result["vllm_cpu_s_per_request"] = (
+        (cpu_seconds(vllm_pid) - vllm_before) / count if vllm_pid else None
+    )
     return result
 
 
@@ -332,6 +348,7 @@ def run(size: Size, work_dir: Path, vllm_api_base: str | None) -> dict[str, Any]
                 size,
             )
         env = valves_env(vllm_api_base, encoder_dir)
+        vllm_pid = vllm.pid if vllm is not None else None
 
         print("bench: timing the router alone (path 4)", flush=True)
         router = run_router_alone(size, env)
@@ -402,10 +419,12 @@ def run(size: Size, work_dir: Path, vllm_api_base: str | None) -> dict[str, Any]
             order = paths[round_number % 3 :] + paths[: round_number % 3]
             for path in order:
                 print(f"bench: {path.name} at concurrency {level}", flush=True)
-                path.results[str(level)] = run_level(path, level, offset, size, targets)
+                path.results[str(level)] = run_level(
+                    path, level, offset, size, targets, vllm_pid
+                )
             offset += size.requests[level]
         print("bench: pipelines_fixed at concurrency 1", flush=True)
-        fixed.results["1"] = run_level(fixed, 1, 0, size, targets)
+        fixed.results["1"] = run_level(fixed, 1, 0, size, targets, vllm_pid)
 
         results = {
             "started_at": started_at,

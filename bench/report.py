@@ -174,7 +174,7 @@ def chat_table(results: dict[str, Any]) -> list[str]:
     lines = [
         "| path | conc. | TTFT p50 ms | TTFT p95 ms | total p50 ms | total p95 ms "
         "| tokens/s | ratio to direct: TTFT p50 / p95 / total p50 / tokens/s "
-        "| tokens/req | CPU ms/req (router process) | errors | load |",
+        "| tokens/req | CPU ms/req: routing process / vLLM | errors | load |",
         "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|",
     ]
     paths = results["paths"]
@@ -194,13 +194,19 @@ def chat_table(results: dict[str, Any]) -> list[str]:
                     "tokens_per_s",
                 )
             )
-            cpu = row["cpu_s_per_request"]
+            cpu = " / ".join(
+                "–" if value is None else f"{value * 1000:.1f}"
+                for value in (
+                    row["cpu_s_per_request"],
+                    row.get("vllm_cpu_s_per_request"),
+                )
+            )
             lines.append(
                 f"| {PATH_LABELS[name]} | {level} | {ms(row['ttft_p50_ms'])} "
                 f"| {ms(row['ttft_p95_ms'])} | {ms(row['total_p50_ms'])} "
                 f"| {ms(row['total_p95_ms'])} | {row['tokens_per_s']:.0f} | {ratios} "
                 f"| {row['tokens_per_request']:.1f} "
-                f"| {'–' if cpu is None else f'{cpu * 1000:.1f}'} "
+                f"| {cpu} "
                 f"| {row['errors']} | {row['load_1min']:.1f} |"
             )
     return lines
@@ -296,8 +302,9 @@ def markdown(results: dict[str, Any]) -> str:
         "## Chat paths",
         "",
         "TTFT is the time to the first token of text. tokens/s is every token the "
-        "client received in a batch divided by the batch's wall time. CPU is the "
-        "routing process's user + system time per request.",
+        "client received in a batch divided by the batch's wall time. CPU is "
+        "user + system time per request of the routing process (Pipelines or "
+        "LiteLLM, with child processes) and of vLLM (when this run started it).",
         "",
         *chat_table(results),
         "",
