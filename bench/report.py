@@ -295,7 +295,9 @@ def markdown(results: dict[str, Any]) -> str:
         "|---|---|---|",
     ]
     for target, measured, holds in check_targets(results):
-        verdict = "–" if holds is None else "yes" if holds else "NO"
+        verdict = "yes" if holds else "NO"
+        if holds is None:
+            verdict = "–"
         lines.append(f"| {target} | {measured} | {verdict} |")
     lines += [
         "",
