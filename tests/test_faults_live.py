@@ -346,7 +346,9 @@ def test_disconnect_among_live_streams_closes_only_it(on_vllm, vllm_server):
     print(f"vLLM closed the left stream {close_seconds:.2f} s after its client left")
 
     assert running < 2, "vLLM still runs both requests 10 s after one client left"
-    assert close_seconds < 1.0
+    # Beside live streams the watchdog's limit grows to twice their recent
+    # pull delays, so a busy machine takes longer than the 0.8 s of a calm one.
+    assert close_seconds < 2.0
     assert live_text, "the live stream did not finish"
     assert CUT_NOTE not in live_text[0]
     assert len(live_text[0]) > 400, "the live stream stopped early"
