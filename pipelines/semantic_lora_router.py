@@ -1630,6 +1630,11 @@ def relay_vllm_stream(
     Lines are split on raw bytes and decoded whole, so a character whose bytes
     vLLM's stream splits across network reads arrives intact. A stream that ends
     without [DONE] gets a note saying it was cut, then a finish and [DONE].
+
+    The data lines of one network read are yielded as one item, joined by blank
+    lines. The Pipelines server sends each item followed by a blank line, so the
+    client gets the same bytes, and the server pulls once per read instead of
+    once per line: each pull is a hop to a worker thread.
     """
     yield from events
     done = False
@@ -1637,6 +1642,7 @@ def relay_vllm_stream(
     try:
         for chunk in response.iter_content(chunk_size=None):
             buffer += chunk
+            lines: list[bytes] = []
             while not done and (end := buffer.find(b"\n")) >= 0:
                 line, buffer = buffer[:end].rstrip(b"\r"), buffer[end + 1 :]
                 if not line.startswith(b"data:"):
@@ -1655,7 +1661,9 @@ def relay_vllm_stream(
                         len(line),
                     )
                     continue
-                yield line.decode("utf-8", errors="replace")
+                lines.append(line)
+            if lines:
+                yield b"\n\n".join(lines).decode("utf-8", errors="replace")
     except (requests.RequestException, OSError, ValueError, AttributeError) as exc:
         # A response that the watchdog closed fails with one of the last three.
         log.warning(
