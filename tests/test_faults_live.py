@@ -265,6 +265,9 @@ def seconds_for_whole_answer(vllm_server) -> float:
     return time.monotonic() - started
 
 
+DISCONNECT_CLOSE_LIMIT = 1.5
+
+
 def test_client_disconnect_aborts_vllm_request(on_vllm, vllm_server):
     whole = seconds_for_whole_answer(vllm_server)
     before = vllm_metrics(vllm_server)
@@ -299,7 +302,9 @@ def test_client_disconnect_aborts_vllm_request(on_vllm, vllm_server):
     assert after["length"] == before["length"], "the request ran to max_tokens"
     generated = after["tokens"] - before["tokens"]
     assert generated < LONG_ANSWER["max_tokens"], f"vLLM generated {generated} tokens"
-    assert close_seconds < 1.0, (
+    # 0.8-0.9 s on an idle 2-core machine; the margin is for a busy one, where
+    # the watchdog waits longer so that it never cuts a live stream.
+    assert close_seconds < DISCONNECT_CLOSE_LIMIT, (
         f"vLLM stopped {close_seconds:.2f} s after the client left; "
         f"the whole answer takes {whole:.2f} s"
     )
