@@ -712,7 +712,7 @@ class RouterUnavailable(Exception):
 
 @dataclass(frozen=True)
 class RouteDecision:
-    """Where auto sends a chat, and the scores behind it.
+    """A routing decision for one chat: the target route and the scores behind it.
 
     `route` is None when no route passed its threshold; `best` and `score` still
     name the closest route, so the log shows how near it came.
@@ -743,7 +743,7 @@ _encoders_lock = threading.Lock()
 def load_encoder(model: str, local_dir: str) -> Any:
     """Load a fastembed encoder once per (model, folder); later calls reuse it.
 
-    A folder that holds ONNX files is used as the model itself; any other folder
+    A folder that contains ONNX files is used as the model itself; any other folder
     is fastembed's cache, where the model is downloaded if it is not there yet.
     """
     key = (model, local_dir)
@@ -1080,8 +1080,8 @@ class VllmClient:
         try:
             self._send("POST", "/load_lora_adapter", stream=False, payload=payload)
         except UnknownModel as exc:
-            # A missing endpoint is FastAPI's plain 404; a path that holds no
-            # adapter is a 404 with vLLM's own message.
+            # A missing endpoint is FastAPI's plain 404, but a path that contains
+            # no adapter is a 404 with vLLM's own message.
             if str(exc).endswith(": Not Found"):
                 raise
             raise UpstreamHTTPError(str(exc), exc.status) from None

@@ -55,24 +55,28 @@ def test_image_only_message_gets_clear_answer(pipelines):
     assert "vLLM returned HTTP 400" in result.text
 
 
+# An assistant turn that carries only a tool call has content null.
+TOOL_CALL_HISTORY = [
+    {"role": "user", "content": "look up my last blood test"},
+    {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [
+            {
+                "id": "call_1",
+                "type": "function",
+                "function": {"name": "lab_results", "arguments": "{}"},
+            }
+        ],
+    },
+    {"role": "tool", "tool_call_id": "call_1", "content": "HbA1c 6.9%"},
+    {"role": "user", "content": "Is that HbA1c value a sign of diabetes?"},
+]
+
+
 def test_null_content_is_refused_by_pipelines_server(pipelines):
-    """The Pipelines server's schema refuses content null before the plugin runs."""
-    messages = [
-        {"role": "user", "content": "look up my last blood test"},
-        {
-            "role": "assistant",
-            "content": None,
-            "tool_calls": [
-                {
-                    "id": "call_1",
-                    "type": "function",
-                    "function": {"name": "lab_results", "arguments": "{}"},
-                }
-            ],
-        },
-        {"role": "tool", "tool_call_id": "call_1", "content": "HbA1c 6.9%"},
-        {"role": "user", "content": "Is that HbA1c value a sign of diabetes?"},
-    ]
+    """The Pipelines server's schema rejects content null before the plugin runs."""
+    messages = TOOL_CALL_HISTORY
     result = stream_chat(pipelines.base_url, {"messages": messages})
     assert result.status_code == 422
 
@@ -86,22 +90,7 @@ def test_tool_call_history_routes_on_last_user_message(
     monkeypatch.setenv("ENCODER_LOCAL_DIR", str(encoder_dir))
     monkeypatch.setenv("ROUTER_SCORE_THRESHOLD", TEST_THRESHOLD)
     pipeline = load_plugin().Pipeline()
-    messages = [
-        {"role": "user", "content": "look up my last blood test"},
-        {
-            "role": "assistant",
-            "content": None,
-            "tool_calls": [
-                {
-                    "id": "call_1",
-                    "type": "function",
-                    "function": {"name": "lab_results", "arguments": "{}"},
-                }
-            ],
-        },
-        {"role": "tool", "tool_call_id": "call_1", "content": "HbA1c 6.9%"},
-        {"role": "user", "content": "Is that HbA1c value a sign of diabetes?"},
-    ]
+    messages = TOOL_CALL_HISTORY
     body = {"model": AUTO, "stream": True, "max_tokens": 8, "messages": messages}
     lines = list(pipeline.pipe(None, "auto", messages, body))
     chunks = [json.loads(line[5:]) for line in lines[1:-1]]
