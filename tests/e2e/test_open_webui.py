@@ -149,6 +149,23 @@ class Answer:
         return [s["length"] for s in self.samples if not s["done"] and s["length"]]
 
 
+# Open WebUI renders the answer as markdown while it streams. When the model
+# closes a marker such as `*` or `_`, the raw markers turn into formatting and
+# the page text loses them, so a few characters may disappear for a moment.
+MARKDOWN_MARKER_SLACK = 4
+
+
+def assert_never_shrank(partial: list[int]) -> None:
+    """Fail when a streamed answer lost more text than markdown rendering can."""
+    longest = 0
+    for length in partial:
+        assert length >= longest - MARKDOWN_MARKER_SLACK, (
+            f"the answer shrank from {longest} to {length} characters while "
+            f"streaming: {partial}"
+        )
+        longest = max(longest, length)
+
+
 # --- Servers and browser ------------------------------------------------------
 
 
@@ -401,7 +418,7 @@ def test_auto_streams_medical_answer_from_doctor(
         f"the answer did not grow while it streamed: lengths before it was "
         f"finished {partial}, final length {len(answer.text)}"
     )
-    assert partial == sorted(partial), f"the answer shrank while streaming: {partial}"
+    assert_never_shrank(partial)
 
 
 def test_auto_sends_reasoning_question_to_dcot(
