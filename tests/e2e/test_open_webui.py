@@ -149,14 +149,13 @@ class Answer:
         return [s["length"] for s in self.samples if not s["done"] and s["length"]]
 
 
-# Open WebUI renders the answer as markdown while it streams. When the model
-# closes a marker such as `*` or `_`, the raw markers turn into formatting and
-# the page text loses them, so a few characters may disappear for a moment.
+# Open WebUI renders the streamed reply as markdown. A closed `*` or `_` turns
+# into formatting, so the page text can lose a few characters for a moment.
 MARKDOWN_MARKER_SLACK = 4
 
 
 def assert_never_shrank(partial: list[int]) -> None:
-    """Fail when a streamed answer lost more text than markdown rendering can."""
+    """Assert that no sample is shorter than an earlier one by more than the slack."""
     longest = 0
     for length in partial:
         assert length >= longest - MARKDOWN_MARKER_SLACK, (
