@@ -40,6 +40,28 @@ VLLM_ADAPTERS = ("doctor", "dcot")
 RUNNING: list[ServerProcess] = []
 
 
+# Open WebUI settings for a machine without internet: no login, no Ollama, no
+# embedding model downloads, and no background chats (titles, tags, follow-ups,
+# search queries) that would reach the plugin besides the user's own. Each test
+# adds ENABLE_OPENAI_API for the model source it uses.
+OPEN_WEBUI_OFFLINE_ENV = {
+    "WEBUI_AUTH": "false",
+    "OFFLINE_MODE": "true",
+    "HF_HUB_OFFLINE": "1",
+    "ENABLE_OLLAMA_API": "false",
+    "OLLAMA_BASE_URL": "http://127.0.0.1:11434",
+    "RAG_EMBEDDING_ENGINE": "openai",
+    "BYPASS_EMBEDDING_AND_RETRIEVAL": "true",
+    "ENABLE_PERSISTENT_CONFIG": "false",
+    "ENABLE_TITLE_GENERATION": "false",
+    "ENABLE_TAGS_GENERATION": "false",
+    "ENABLE_FOLLOW_UP_GENERATION": "false",
+    "ENABLE_AUTOCOMPLETE_GENERATION": "false",
+    "ENABLE_SEARCH_QUERY_GENERATION": "false",
+    "ENABLE_RETRIEVAL_QUERY_GENERATION": "false",
+}
+
+
 class ServerStartError(RuntimeError):
     """A server process exited or did not become healthy before its deadline."""
 

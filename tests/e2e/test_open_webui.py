@@ -34,7 +34,14 @@ from livechat import (
     TEST_THRESHOLD,
 )
 
-from servers import HOST, PipelinesServer, ServerProcess, free_port, start_pipelines
+from servers import (
+    HOST,
+    OPEN_WEBUI_OFFLINE_ENV,
+    PipelinesServer,
+    ServerProcess,
+    free_port,
+    start_pipelines,
+)
 
 pytestmark = [
     pytest.mark.e2e,
@@ -89,27 +96,6 @@ CHROMIUM_ARGS = [
     "--no-first-run",
 ]
 VIEWPORT = {"width": 1280, "height": 800}
-
-# Open WebUI settings for a machine without internet: no login, no Ollama, no
-# embedding model downloads, and no background chats (titles, tags, follow-ups)
-# that would reach the plugin besides the user's own.
-OPENWEBUI_OFFLINE_ENV = {
-    "WEBUI_AUTH": "false",
-    "OFFLINE_MODE": "true",
-    "HF_HUB_OFFLINE": "1",
-    "ENABLE_OLLAMA_API": "false",
-    "OLLAMA_BASE_URL": "http://127.0.0.1:11434",
-    "ENABLE_OPENAI_API": "true",
-    "RAG_EMBEDDING_ENGINE": "openai",
-    "BYPASS_EMBEDDING_AND_RETRIEVAL": "true",
-    "ENABLE_PERSISTENT_CONFIG": "false",
-    "ENABLE_TITLE_GENERATION": "false",
-    "ENABLE_TAGS_GENERATION": "false",
-    "ENABLE_FOLLOW_UP_GENERATION": "false",
-    "ENABLE_AUTOCOMPLETE_GENERATION": "false",
-    "ENABLE_SEARCH_QUERY_GENERATION": "false",
-    "ENABLE_RETRIEVAL_QUERY_GENERATION": "false",
-}
 
 # Records the length of the newest answer's text each time the page changes, and
 # whether that answer was finished then (its Regenerate button is shown). The
@@ -199,7 +185,8 @@ def open_webui(pipelines, tmp_path_factory) -> Iterator[ServerProcess]:
     port = free_port()
     env = {
         **os.environ,
-        **OPENWEBUI_OFFLINE_ENV,
+        **OPEN_WEBUI_OFFLINE_ENV,
+        "ENABLE_OPENAI_API": "true",
         "DATA_DIR": str(data_dir),
         "WEBUI_SECRET_KEY": secrets.token_urlsafe(32),
         "OPENAI_API_BASE_URLS": pipelines.base_url,

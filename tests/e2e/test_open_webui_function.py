@@ -15,7 +15,7 @@ import pytest
 import requests
 from livechat import MATH, MEDICAL, SMALL_TALK, live_valves_env, user
 
-from servers import HOST, ServerProcess, free_port
+from servers import HOST, OPEN_WEBUI_OFFLINE_ENV, ServerProcess, free_port
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(480)]
 
@@ -32,24 +32,6 @@ PLUGIN_PATH = (
 )
 FUNCTION_ID = "semantic_lora_router"
 
-# No login, no Ollama, no OpenAI connection (the Function is the only model
-# source), no downloads and no background chats.
-OPENWEBUI_ENV = {
-    "WEBUI_AUTH": "false",
-    "OFFLINE_MODE": "true",
-    "HF_HUB_OFFLINE": "1",
-    "ENABLE_OLLAMA_API": "false",
-    "OLLAMA_BASE_URL": "http://127.0.0.1:11434",
-    "ENABLE_OPENAI_API": "false",
-    "RAG_EMBEDDING_ENGINE": "openai",
-    "BYPASS_EMBEDDING_AND_RETRIEVAL": "true",
-    "ENABLE_PERSISTENT_CONFIG": "false",
-    "ENABLE_TITLE_GENERATION": "false",
-    "ENABLE_TAGS_GENERATION": "false",
-    "ENABLE_FOLLOW_UP_GENERATION": "false",
-    "ENABLE_AUTOCOMPLETE_GENERATION": "false",
-}
-
 
 @pytest.fixture(scope="module")
 def open_webui(vllm_server, encoder_dir, tmp_path_factory) -> Iterator[ServerProcess]:
@@ -58,7 +40,9 @@ def open_webui(vllm_server, encoder_dir, tmp_path_factory) -> Iterator[ServerPro
     port = free_port()
     env = {
         **os.environ,
-        **OPENWEBUI_ENV,
+        **OPEN_WEBUI_OFFLINE_ENV,
+        # The Function is the only model source.
+        "ENABLE_OPENAI_API": "false",
         **live_valves_env(vllm_server.api_base, encoder_dir),
         "DATA_DIR": str(data_dir),
         "WEBUI_SECRET_KEY": secrets.token_urlsafe(32),
