@@ -1,6 +1,7 @@
 """Helpers for live tests: chat through the Pipelines server, parse its stream."""
 
 import json
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,12 +24,15 @@ def user(text: Any) -> list[dict[str, Any]]:
 
 @dataclass
 class StreamResult:
-    """What a client saw in one streamed chat response."""
+    """One streamed reply as the client saw it, including lines it cannot parse."""
 
     status_code: int
     events: list[dict[str, Any]] = field(default_factory=list)
     chunks: list[dict[str, Any]] = field(default_factory=list)
+    bad_lines: list[str] = field(default_factory=list)
     done_count: int = 0
+    done_last: bool = False
+    content_times: list[float] = field(default_factory=list)
     raw: str = ""
 
     @property
@@ -60,27 +64,56 @@ class StreamResult:
             if event.get("event", {}).get("type") == "status"
         ]
 
+    def add_line(self, data: str) -> None:
+        """Record the payload of one SSE data line."""
+        if data == "[DONE]":
+            self.done_count += 1
+            self.done_last = True
+            return
+        self.done_last = False
+        try:
+            parsed = json.loads(data)
+        except ValueError:
+            self.bad_lines.append(data)
+            return
+        if "event" in parsed:
+            self.events.append(parsed)
+            return
+        self.chunks.append(parsed)
+        if any(c.get("delta", {}).get("content") for c in parsed.get("choices", [])):
+            self.content_times.append(time.monotonic())
 
-def stream_chat(
+
+def read_stream(
     base_url: str, body: dict[str, Any], timeout: float = 60
 ) -> StreamResult:
-    """POST a streaming chat and parse every SSE data line of the answer."""
-    body = {"model": AUTO, "stream": True, "temperature": 0, "max_tokens": 12, **body}
+    """POST a streaming chat and record every SSE line and when content arrived."""
+    body = {"model": AUTO, "stream": True, "max_tokens": 12, **body}
     response = requests.post(
         f"{base_url}/v1/chat/completions", json=body, stream=True, timeout=timeout
     )
     result = StreamResult(response.status_code)
-    raw = response.content.decode("utf-8")
-    result.raw = raw
-    for line in raw.splitlines():
-        if not line.startswith("data:"):
-            continue
-        data = line[5:].strip()
-        if data == "[DONE]":
-            result.done_count += 1
-            continue
-        parsed = json.loads(data)
-        (result.events if "event" in parsed else result.chunks).append(parsed)
+    buffer = b""
+    for piece in response.iter_content(chunk_size=None):
+        buffer += piece
+        *lines, buffer = buffer.split(b"\n")
+        for raw_line in lines:
+            line = raw_line.decode("utf-8")
+            result.raw += line + "\n"
+            if line.startswith("data:"):
+                result.add_line(line[5:].strip())
+    if buffer:
+        result.raw += buffer.decode("utf-8")
+        result.add_line(buffer.decode("utf-8")[5:].strip())
+    return result
+
+
+def stream_chat(
+    base_url: str, body: dict[str, Any], timeout: float = 60
+) -> StreamResult:
+    """Stream a greedy chat and fail on any data line that is not JSON."""
+    result = read_stream(base_url, {"temperature": 0, **body}, timeout)
+    assert result.bad_lines == [], f"data lines that are not JSON: {result.bad_lines}"
     return result
 
 

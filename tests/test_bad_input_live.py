@@ -14,14 +14,13 @@ import requests
 from fault_upstream import FaultUpstream
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from livechat import AUTO, MEDICAL, PIPELINE_ID, user
+from livechat import AUTO, MEDICAL, PIPELINE_ID, read_stream, user
 from plugin_loader import load_plugin
 from streamcheck import (
     FAKE_ANSWER,
     assert_well_formed,
     plugin_env,
     post_json,
-    read_stream,
     start_plugin_server,
 )
 

@@ -19,14 +19,13 @@ from typing import Any
 import pytest
 import requests
 from fault_upstream import FaultUpstream, blackhole_listener
-from livechat import AUTO, MEDICAL, PIPELINE_ID, SMALL_TALK, user
+from livechat import AUTO, MEDICAL, PIPELINE_ID, SMALL_TALK, read_stream, user
 from streamcheck import (
     CUT_NOTE,
     FAKE_ANSWER,
     assert_well_formed,
     plugin_env,
     post_json,
-    read_stream,
     start_plugin_server,
 )
 

@@ -15,12 +15,11 @@ import secrets
 import pytest
 import requests
 from fault_upstream import FaultUpstream
-from livechat import MEDICAL, PIPELINE_ID, user
+from livechat import MEDICAL, PIPELINE_ID, read_stream, user
 from streamcheck import (
     assert_well_formed,
     plugin_env,
     post_json,
-    read_stream,
     start_plugin_server,
 )
 
