@@ -64,7 +64,13 @@ class StreamResult:
             if event.get("event", {}).get("type") == "status"
         ]
 
-    def add_line(self, data: str) -> None:
+    def add_raw_line(self, line: str) -> None:
+        """Record one line of the response body; parse it if it is a data line."""
+        self.raw += line
+        if line.startswith("data:"):
+            self.add_data(line[5:].strip())
+
+    def add_data(self, data: str) -> None:
         """Record the payload of one SSE data line."""
         if data == "[DONE]":
             self.done_count += 1
@@ -97,14 +103,10 @@ def read_stream(
     for piece in response.iter_content(chunk_size=None):
         buffer += piece
         *lines, buffer = buffer.split(b"\n")
-        for raw_line in lines:
-            line = raw_line.decode("utf-8")
-            result.raw += line + "\n"
-            if line.startswith("data:"):
-                result.add_line(line[5:].strip())
-    if buffer:
-        result.raw += buffer.decode("utf-8")
-        result.add_line(buffer.decode("utf-8")[5:].strip())
+        for line in lines:
+            result.add_raw_line(line.decode("utf-8") + "\n")
+    if buffer:  # the last line may have no line break: "data: [DONE]" has none
+        result.add_raw_line(buffer.decode("utf-8"))
     return result
 
 
