@@ -382,23 +382,39 @@ def _check_unique(routes: tuple[RouteSpec, ...]) -> None:
 # --- Valves -------------------------------------------------------------------
 
 
+def one_line_routes(text: str) -> str:
+    """Return valid routes as one line of JSON, and any other text unchanged.
+
+    Open WebUI's valves page shows ROUTES in a one-line field that drops the line
+    breaks of what is typed there, so YAML edited in place turns into one
+    comment. JSON is YAML too, and survives the field.
+    """
+    try:
+        parse_routes(text)
+        return json.dumps(yaml.safe_load(text), ensure_ascii=False)
+    except (InvalidRoutes, TypeError, ValueError):
+        return text
+
+
 def _routes_default() -> str:
     """Read the default ROUTES: env ROUTES, else the file named by ROUTES_FILE."""
     if os.environ.get("ROUTES"):
-        return os.environ["ROUTES"]
+        return one_line_routes(os.environ["ROUTES"])
     path = os.environ.get("ROUTES_FILE")
     if path:
         try:
             with open(path, encoding="utf-8") as file:
-                return file.read()
+                return one_line_routes(file.read())
         except OSError as exc:
             log.error(
                 "ROUTES_FILE %s cannot be read (%s); using built-in routes",
                 path,
                 exc.strerror,
             )
-    return DEFAULT_ROUTES_YAML
+    return DEFAULT_ROUTES
 
+
+DEFAULT_ROUTES = one_line_routes(DEFAULT_ROUTES_YAML)
 
 OPTIONAL_TEXT_VALVES = ("VLLM_API_KEY", "DEFAULT_MODEL", "ENCODER_LOCAL_DIR")
 # Validation context that checks a value as given, without environment defaults.
@@ -417,18 +433,20 @@ class Valves(BaseModel):
     model_config = ConfigDict(hide_input_in_errors=True, extra="ignore")
 
     VLLM_BASE_URL: str = Field(
+        title="vLLM Base URL",
         default="http://vllm:8000/v1",
         description="vLLM's OpenAI-compatible API, for example http://vllm:8000/v1 "
         "(/v1 is added when missing).",
     )
     VLLM_API_KEY: str = Field(
+        title="vLLM API Key",
         default="",
         repr=False,
         description="The key that vLLM was started with (--api-key); empty if none.",
     )
     ROUTES: str = Field(
-        default=DEFAULT_ROUTES_YAML,
-        description="Routes as YAML: a list of {name, target, threshold, "
+        default=DEFAULT_ROUTES,
+        description="Routes as JSON or YAML: a list of {name, target, threshold, "
         "utterances}. target is the vLLM model (adapter) and defaults to name.",
     )
     DEFAULT_MODEL: str = Field(
@@ -475,12 +493,14 @@ class Valves(BaseModel):
         description="Show above each answer of auto which model answered and why.",
     )
     VLLM_CONNECT_TIMEOUT: float = Field(
+        title="vLLM Connect Timeout",
         default=5.0,
         gt=0,
         le=600,
         description="Seconds to wait for a connection to vLLM.",
     )
     VLLM_READ_TIMEOUT: float = Field(
+        title="vLLM Read Timeout",
         default=300.0,
         gt=0,
         le=3600,
@@ -498,6 +518,7 @@ class Valves(BaseModel):
         description="Address the metrics port listens on.",
     )
     MODEL_LIST_TTL: float = Field(
+        title="Model List TTL",
         default=60.0,
         ge=1,
         le=86400,
@@ -1241,14 +1262,26 @@ class Metrics:
         self._metrics: dict[str, Any] = {}
 
     def serve(self, host: str, port: int) -> None:
-        if not port:
-            return
+        """Serve the metrics on host:port and close any other port served before.
+
+        Port 0 closes them all and stops counting.
+        """
+        self.enabled = False
         try:
             import prometheus_client
         except ImportError:
-            log.error("METRICS_PORT is set but prometheus-client is not installed")
+            if port:
+                log.error("METRICS_PORT is set but prometheus-client is not installed")
             return
         state: dict[str, Any] = getattr(prometheus_client, "_lora_router_state", {})
+        servers = state.get("servers", {})
+        for address in [a for a in servers if a != (host, port) or not port]:
+            httpd, _ = servers.pop(address)
+            httpd.shutdown()
+            httpd.server_close()
+            log.info("Prometheus metrics on %s:%d closed", *address)
+        if not port:
+            return
         if not state:
             registry = prometheus_client.CollectorRegistry()
             state = {

@@ -70,3 +70,22 @@ def test_metrics_count_upstream_errors(metrics_server):
         metric(text, "lora_router_upstream_errors_total", kind="UpstreamUnavailable")
         >= 1
     )
+
+
+def test_metrics_port_moves_and_closes_with_valves(metrics_server):
+    server, url = metrics_server
+    assert requests.get(url, timeout=10).status_code == 200
+    valves = get_valves(server)
+
+    new_port = free_port()
+    moved = update_valves(server, valves, METRICS_PORT=new_port)
+    assert moved.status_code == 200
+    new_url = f"http://127.0.0.1:{new_port}/metrics"
+    assert requests.get(new_url, timeout=10).status_code == 200
+    with pytest.raises(requests.ConnectionError):
+        requests.get(url, timeout=10)
+
+    assert update_valves(server, valves, METRICS_PORT=0).status_code == 200
+    with pytest.raises(requests.ConnectionError):
+        requests.get(new_url, timeout=10)
+    assert f"Prometheus metrics on 127.0.0.1:{new_port} closed" in server.log_tail(200)

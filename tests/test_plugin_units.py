@@ -26,6 +26,28 @@ def test_default_routes_match_valves_file():
     assert shipped == plugin.DEFAULT_ROUTES_YAML
 
 
+def test_default_routes_valve_is_one_line_of_the_shipped_routes():
+    assert "\n" not in plugin.DEFAULT_ROUTES
+    assert plugin.Valves().ROUTES == plugin.DEFAULT_ROUTES
+    assert plugin.parse_routes(plugin.DEFAULT_ROUTES) == plugin.parse_routes(
+        plugin.DEFAULT_ROUTES_YAML
+    )
+
+
+def test_one_line_routes_keep_unicode_and_extra_fields():
+    text = route_yaml(threshold=0.5, target="acme/doctor-lora", path="/m/doc")
+    text = text.replace("I have a fever", "J'ai de la fièvre 🤒")
+    line = plugin.one_line_routes(text)
+    assert "\n" not in line
+    assert "fièvre 🤒" in line
+    assert plugin.parse_routes(line) == plugin.parse_routes(text)
+
+
+@pytest.mark.parametrize("text", ["{not json", "routes: []", "", "- name: x"])
+def test_one_line_routes_leave_invalid_text_alone(text):
+    assert plugin.one_line_routes(text) == text
+
+
 def test_default_routes_cover_both_adapters():
     routes = {r.name: r for r in plugin.parse_routes(plugin.DEFAULT_ROUTES_YAML)}
     assert set(routes) == {"doctor", "dcot"}
@@ -232,12 +254,24 @@ def test_valves_from_env_read_routes_file(monkeypatch, tmp_path):
     routes.write_text(route_yaml(), encoding="utf-8")
     monkeypatch.delenv("ROUTES", raising=False)
     monkeypatch.setenv("ROUTES_FILE", str(routes))
-    assert plugin.valves_from_env().ROUTES == route_yaml()
+    loaded = plugin.valves_from_env().ROUTES
+    assert "\n" not in loaded
+    assert plugin.parse_routes(loaded) == plugin.parse_routes(route_yaml())
 
 
 def test_valves_from_env_keep_default_routes_when_env_routes_broken(monkeypatch):
     monkeypatch.setenv("ROUTES", "{not json")
-    assert plugin.valves_from_env().ROUTES == plugin.DEFAULT_ROUTES_YAML
+    assert plugin.valves_from_env().ROUTES == plugin.DEFAULT_ROUTES
+
+
+def test_valve_titles_spell_vllm_and_ttl_as_written():
+    titles = {
+        name: field["title"]
+        for name, field in plugin.Valves.model_json_schema()["properties"].items()
+    }
+    assert titles["VLLM_BASE_URL"] == "vLLM Base URL"
+    assert titles["MODEL_LIST_TTL"] == "Model List TTL"
+    assert not [title for title in titles.values() if "Vllm" in title or "Ttl" in title]
 
 
 # --- Messages -----------------------------------------------------------------

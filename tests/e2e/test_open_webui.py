@@ -14,6 +14,7 @@ docs are also copied to docs/screenshots/.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import secrets
@@ -32,6 +33,7 @@ from livechat import (
     SMALL_TALK,
     TEST_ENCODER,
     TEST_THRESHOLD,
+    update_valves,
 )
 
 from servers import (
@@ -473,6 +475,35 @@ def test_broken_routes_rejected_in_ui_keep_old_routes(
     assert_routed(pipelines, before, "doctor")
 
 
+def test_default_routes_edited_in_ui_change_routing(
+    page, open_webui, pipelines, vllm_server, screenshots
+):
+    saved = saved_valves(pipelines)
+    open_pipeline_valves(page, open_webui.base_url)
+    field = page.get_by_placeholder("Routes", exact=True)
+    # The default routes are shown as one line of JSON, so they can be edited
+    # in place: here doctor gets a threshold that no question reaches.
+    routes = json.loads(field.input_value())
+    doctor = next(route for route in routes["routes"] if route["name"] == "doctor")
+    doctor["threshold"] = 0.99
+    field.fill(json.dumps(routes))
+    save_valves(page, "success")
+
+    try:
+        before = len(routed_targets(pipelines))
+        answer = ask(page, open_webui.base_url, "auto", MEDICAL)
+        scroll_to_question(page)
+        shoot(page, screenshots, "08-routes-edited-in-place")
+        assert answer.status is not None
+        base = vllm_server.served_model_name
+        assert answer.status.startswith(f"{base}, no route matched"), answer.status
+        assert answer.status.endswith("< 0.99)"), answer.status
+        assert_routed(pipelines, before, base)
+    finally:
+        update_valves(pipelines, saved).raise_for_status()
+    assert saved_valves(pipelines)["ROUTES"] == saved["ROUTES"]
+
+
 def test_threshold_raised_in_ui_sends_auto_to_base(
     page, open_webui, pipelines, vllm_server, screenshots
 ):
@@ -487,13 +518,13 @@ def test_threshold_raised_in_ui_sends_auto_to_base(
     open_pipeline_valves(page, open_webui.base_url)
     expect(threshold).to_have_value(re.compile(r"^1(\.0)?$"))
     threshold.scroll_into_view_if_needed()
-    shoot(page, screenshots, "08-threshold-saved", "open-webui-pipelines-valves.png")
+    shoot(page, screenshots, "09-threshold-saved", "open-webui-pipelines-valves.png")
     assert saved_valves(pipelines)["ROUTER_SCORE_THRESHOLD"] == 1.0
 
     before = len(routed_targets(pipelines))
     answer = ask(page, open_webui.base_url, "auto", MEDICAL)
     scroll_to_question(page)
-    shoot(page, screenshots, "09-auto-after-threshold")
+    shoot(page, screenshots, "10-auto-after-threshold")
 
     assert answer.status is not None
     assert answer.status.startswith(f"{base}, no route matched (best doctor"), (
