@@ -260,6 +260,8 @@ def parse_routes(text: str) -> tuple[RouteSpec, ...]:
     """
     try:
         document = yaml.safe_load(text)
+    except RecursionError:
+        raise InvalidRoutes("ROUTES is nested too deeply to be parsed") from None
     except yaml.YAMLError as exc:
         where = ""
         mark = getattr(exc, "problem_mark", None)
@@ -355,6 +357,11 @@ def _parse_utterances(label: str, utterances: Any) -> tuple[str, ...]:
             raise InvalidRoutes(
                 f"{label}: utterance {number} must be non-empty text, got {utterance!r}"
             )
+        if not _is_valid_unicode(utterance):
+            raise InvalidRoutes(
+                f"{label}: utterance {number} contains half of a UTF-16 surrogate "
+                "pair (an escape such as \\ud83d without its partner)"
+            )
         if len(utterance) > MAX_UTTERANCE_CHARS:
             raise InvalidRoutes(
                 f"{label}: utterance {number} is longer than "
@@ -363,6 +370,14 @@ def _parse_utterances(label: str, utterances: Any) -> tuple[str, ...]:
         if utterance.strip() not in cleaned:
             cleaned.append(utterance.strip())
     return tuple(cleaned)
+
+
+def _is_valid_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _check_unique(routes: tuple[RouteSpec, ...]) -> None:
@@ -415,6 +430,18 @@ def _routes_default() -> str:
 
 
 DEFAULT_ROUTES = one_line_routes(DEFAULT_ROUTES_YAML)
+# Set once Pipeline.on_startup has run: from then on, valves are updates.
+STARTED = threading.Event()
+UNSENDABLE_KEY = (
+    "VLLM_API_KEY contains a character that an HTTP header cannot carry (often "
+    "an invisible one pasted with the key, or a line break); type the key again"
+)
+
+
+def is_header_safe(value: str) -> bool:
+    """Tell whether `value` can be sent in an HTTP header as it is."""
+    return all(" " <= char <= "\xff" and char != "\x7f" for char in value)
+
 
 OPTIONAL_TEXT_VALVES = ("VLLM_API_KEY", "DEFAULT_MODEL", "ENCODER_LOCAL_DIR")
 # Validation context that checks a value as given, without environment defaults.
@@ -544,12 +571,15 @@ class Valves(BaseModel):
         parse_routes(value)
         return value
 
+    # The Pipelines server exits when the valves it saved fail validation at
+    # start. So the checks below apply only to updates, once the plugin has
+    # started. A saved value that fails them is reported when it is used.
     @field_validator("ENCODER_MODEL")
     @classmethod
     def _check_encoder_model(cls, value: str) -> str:
         value = value.strip()
         supported = supported_encoders()
-        if supported and value not in supported:
+        if STARTED.is_set() and supported and value not in supported:
             raise ValueError(
                 f"ENCODER_MODEL {value!r} is not a fastembed text model; "
                 "see fastembed's TextEmbedding.list_supported_models()"
@@ -560,8 +590,16 @@ class Valves(BaseModel):
     @classmethod
     def _check_encoder_dir(cls, value: str) -> str:
         value = value.strip()
-        if value and not os.path.isdir(value):
+        if STARTED.is_set() and value and not os.path.isdir(value):
             raise ValueError(f"ENCODER_LOCAL_DIR {value!r} is not a folder")
+        return value
+
+    @field_validator("VLLM_API_KEY")
+    @classmethod
+    def _check_api_key(cls, value: str) -> str:
+        value = value.strip()
+        if STARTED.is_set() and not is_header_safe(value):
+            raise ValueError(UNSENDABLE_KEY)
         return value
 
     @field_validator("DEFAULT_MODEL")
@@ -812,9 +850,15 @@ def load_encoder(model: str, local_dir: str) -> Any:
                     raise ValueError(f"FastEmbed embed failed. Error: {exc}") from exc
                 return vectors
 
-        has_onnx = bool(local_dir) and any(
-            name.endswith(".onnx") for name in os.listdir(local_dir)
-        )
+        try:
+            has_onnx = bool(local_dir) and any(
+                name.endswith(".onnx") for name in os.listdir(local_dir)
+            )
+        except OSError as exc:
+            raise RouterUnavailable(
+                f"ENCODER_LOCAL_DIR {local_dir} cannot be read ({exc.strerror}); "
+                "fix the ENCODER_LOCAL_DIR valve"
+            ) from None
         try:
             encoder = LocalFastEmbedEncoder(
                 name=model,
@@ -1139,6 +1183,12 @@ class VllmClient:
                 f"vLLM at {self.base_url} sent nothing for {self.timeout[1]:g} s; "
                 "it may be overloaded (VLLM_READ_TIMEOUT sets the limit)"
             ) from None
+        except (UnicodeError, requests.exceptions.InvalidHeader):
+            # http.client encodes headers as Latin-1 and refuses line breaks.
+            raise UpstreamUnavailable(
+                f"the request to vLLM at {self.base_url} could not be sent: "
+                f"{UNSENDABLE_KEY}"
+            ) from None
         except requests.RequestException as exc:
             raise UpstreamUnavailable(
                 f"vLLM at {self.base_url} could not be reached "
@@ -1319,7 +1369,8 @@ class Metrics:
                 state["servers"][(host, port)] = prometheus_client.start_http_server(
                     port, addr=host, registry=state["registry"]
                 )
-            except OSError as exc:
+            except (OSError, ValueError) as exc:
+                # ValueError: a host name that the IDNA codec refuses.
                 log.error("metrics port %s:%d cannot be opened: %s", host, port, exc)
                 return
             log.info("Prometheus metrics on %s:%d/metrics", host, port)
@@ -1775,7 +1826,15 @@ class Pipeline:
         import asyncio
 
         raise_server_thread_limit()
-        await asyncio.to_thread(self.apply_valves)
+        STARTED.set()
+        try:
+            await asyncio.to_thread(self.apply_valves)
+        except Exception as exc:  # noqa: BLE001 - a plugin must never stop the server
+            # Only the type: the message of an unexpected error may hold a valve.
+            log.error(
+                "the valves could not be applied at start (%s); chats will retry",
+                type(exc).__name__,
+            )
 
     async def on_shutdown(self) -> None:
         if self.client is not None:
@@ -1796,7 +1855,7 @@ class Pipeline:
         offered += [{"id": m.id, "name": m.name} for m in self.catalog.models]
         return offered
 
-    def apply_valves(self) -> None:
+    def apply_valves(self, wait: bool = True) -> None:
         """Make the current valves take effect: client, model list and router.
 
         The Pipelines server does not call on_valves_updated for valves it loads
@@ -1804,11 +1863,17 @@ class Pipeline:
         point calls this; it does the work once per valves object. The new router
         is swapped in whole, so a request never meets a half-built one. When it
         cannot be built, auto answers with the reason until the valves are fixed.
+
+        With `wait` False, a call that finds another thread applying valves
+        returns at once, so requests go on with the router and client they
+        have instead of waiting for a rebuild (which can take minutes).
         """
         valves = self.valves
         if valves is self._applied:
             return
-        with self._apply_lock:
+        if not self._apply_lock.acquire(blocking=wait or self._applied is None):
+            return
+        try:
             if valves is self._applied:
                 return
             previous = self._applied
@@ -1841,6 +1906,8 @@ class Pipeline:
                 self.routing, self.routing_error = None, str(exc)
                 log.error("router not available: %s", exc)
             self._applied = valves
+        finally:
+            self._apply_lock.release()
 
     # Chat requests.
 
@@ -1861,7 +1928,7 @@ class Pipeline:
         request_id = uuid.uuid4().hex[:8]
         stream = body.get("stream", True) is not False
         try:
-            self.apply_valves()
+            self.apply_valves(wait=False)
             plan = self.plan(request_id, model_id, body)
         except UpstreamError as exc:
             self.metrics.upstream_error(exc)

@@ -225,15 +225,59 @@ def test_valves_reject_out_of_range(field, value):
         plugin.Valves(**{field: value})
 
 
-def test_valves_reject_unknown_encoder():
+@pytest.fixture
+def started():
+    """Validate valves as updates, as after the Pipelines server has started."""
+    plugin.STARTED.set()
+    yield
+    plugin.STARTED.clear()
+
+
+def test_valves_reject_unknown_encoder(started):
     with pytest.raises(ValidationError, match="'no-such/model' is not a fastembed"):
         plugin.Valves(ENCODER_MODEL="no-such/model")
 
 
-def test_valves_reject_missing_encoder_folder(tmp_path):
+def test_valves_reject_missing_encoder_folder(started, tmp_path):
     missing = tmp_path / "absent"
     with pytest.raises(ValidationError, match="ENCODER_LOCAL_DIR .* is not a folder"):
         plugin.Valves(ENCODER_LOCAL_DIR=str(missing))
+
+
+@pytest.mark.parametrize("key", ["sk-1\u200b", "sk-1\nsk-2", "sk-\x001"])
+def test_valves_reject_key_that_header_cannot_carry(started, key):
+    with pytest.raises(ValidationError, match="VLLM_API_KEY contains a character"):
+        plugin.Valves(VLLM_API_KEY=key)
+
+
+def test_saved_valves_load_before_start_despite_machine_checks(tmp_path):
+    """The Pipelines server exits when the valves it saved fail validation at
+    start, so values that fail the update checks still load then."""
+    missing = tmp_path / "absent"
+    valves = plugin.Valves(
+        ENCODER_LOCAL_DIR=str(missing),
+        ENCODER_MODEL="no-such/model",
+        VLLM_API_KEY="sk-1\u200b",
+    )
+    assert valves.ENCODER_LOCAL_DIR == str(missing)
+    with pytest.raises(plugin.RouterUnavailable, match="ENCODER_LOCAL_DIR .*absent"):
+        plugin.load_encoder("sentence-transformers/all-MiniLM-L6-v2", str(missing))
+
+
+def test_routes_reject_lone_surrogate_and_deep_nesting():
+    with pytest.raises(plugin.InvalidRoutes, match="utterance 2 contains half"):
+        plugin.parse_routes(
+            json.dumps([{"name": "a", "utterances": ["x", "y \ud83d"]}])
+        )
+    with pytest.raises(plugin.InvalidRoutes, match="nested too deeply"):
+        plugin.parse_routes("[" * 3000 + "]" * 3000)
+
+
+def test_api_key_with_unsendable_character_becomes_message():
+    client = plugin.VllmClient("http://127.0.0.1:9/v1", "sk-1\u200b", 1, 1)
+    with pytest.raises(plugin.UpstreamUnavailable, match="VLLM_API_KEY contains"):
+        client.list_models()
+    assert plugin.Valves(VLLM_API_KEY=" sk-1\n").VLLM_API_KEY == "sk-1"
 
 
 def test_valves_from_env_skip_invalid_values(monkeypatch, caplog):
