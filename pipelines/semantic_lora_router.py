@@ -233,6 +233,9 @@ ROUTE_KEYS = ("name", "target", "threshold", "path", "utterances")
 MAX_ROUTES = 64
 MAX_UTTERANCES = 1000
 MAX_UTTERANCE_CHARS = 2000
+# Checked before parsing: PyYAML read about 1.3 MB a second on the test machine,
+# and the Pipelines server answers nothing else while it checks an update.
+MAX_ROUTES_CHARS = 2_000_000
 
 
 class InvalidRoutes(ValueError):
@@ -258,6 +261,10 @@ def parse_routes(text: str) -> tuple[RouteSpec, ...]:
     The document is either a mapping with a `routes` list or the list itself.
     Raises InvalidRoutes with a message that names the route and field at fault.
     """
+    if len(text) > MAX_ROUTES_CHARS:
+        raise InvalidRoutes(
+            f"ROUTES is {len(text):,} characters long; at most {MAX_ROUTES_CHARS:,}"
+        )
     try:
         document = yaml.safe_load(text)
     except RecursionError:

@@ -38,9 +38,7 @@ def update(server, **changes):
     )
 
 
-def test_pasted_api_key_in_env_keeps_server_up(
-    start_pipelines_server, fake, encoder_dir
-):
+def test_pasted_key_from_env_loads(start_pipelines_server, fake, encoder_dir):
     try:
         server = start_pipelines_server(
             plugin_env(fake.api_base, encoder_dir, VLLM_API_KEY=PASTED_KEY)
@@ -54,9 +52,7 @@ def test_pasted_api_key_in_env_keeps_server_up(
     assert "sk-test-1234" not in server.log_path.read_text(errors="replace")
 
 
-def test_pasted_api_key_update_is_refused_and_old_key_stays(
-    start_pipelines_server, fake, encoder_dir
-):
+def test_pasted_key_update_refused(start_pipelines_server, fake, encoder_dir):
     server = start_pipelines_server(plugin_env(fake.api_base, encoder_dir))
     response = update(server, VLLM_API_KEY=PASTED_KEY)
     assert response.status_code != 200
@@ -69,9 +65,7 @@ def test_pasted_api_key_update_is_refused_and_old_key_stays(
     assert result.models == {"tiny-base"}
 
 
-def test_pasted_api_key_saved_before_keeps_server_up(
-    start_pipelines_server, fake, encoder_dir
-):
+def test_pasted_key_saved_before_loads(start_pipelines_server, fake, encoder_dir):
     """A key saved by an older version of the plugin, or by hand, still loads."""
     server = start_pipelines_server(plugin_env(fake.api_base, encoder_dir))
     server.stop()
@@ -90,7 +84,7 @@ def test_pasted_api_key_saved_before_keeps_server_up(
     assert "sk-test-1234" not in server.log_path.read_text(errors="replace")
 
 
-def test_saved_encoder_folder_that_vanished_keeps_server_up(
+def test_vanished_encoder_folder_loads(
     start_pipelines_server, fake, encoder_dir, tmp_path
 ):
     copy = tmp_path / "encoder-copy"
@@ -110,9 +104,7 @@ def test_saved_encoder_folder_that_vanished_keeps_server_up(
     assert "ENCODER_LOCAL_DIR" in routed.text
 
 
-def test_chats_do_not_wait_for_a_router_rebuild(
-    start_pipelines_server, fake, encoder_dir
-):
+def test_chat_during_rebuild_not_held(start_pipelines_server, fake, encoder_dir):
     server = start_pipelines_server(plugin_env(fake.api_base, encoder_dir))
     rng = random.Random(1)
     words = "pain fever dose child heart rash solve equation train prime".split()
@@ -149,9 +141,7 @@ def test_chats_do_not_wait_for_a_router_rebuild(
     )
 
 
-def test_routes_with_lone_surrogate_are_refused(
-    start_pipelines_server, fake, encoder_dir
-):
+def test_lone_surrogate_routes_refused(start_pipelines_server, fake, encoder_dir):
     server = start_pipelines_server(plugin_env(fake.api_base, encoder_dir))
     routes = [
         {"name": "doctor", "utterances": [MEDICAL, "headache \ud83d"]},
@@ -164,9 +154,7 @@ def test_routes_with_lone_surrogate_are_refused(
     assert result.models == {"doctor"}, result.text
 
 
-def test_deeply_nested_routes_are_refused_readably(
-    start_pipelines_server, fake, encoder_dir
-):
+def test_deeply_nested_routes_refused(start_pipelines_server, fake, encoder_dir):
     server = start_pipelines_server(plugin_env(fake.api_base, encoder_dir))
     response = update(server, ROUTES="[" * 3000 + "]" * 3000)
     assert response.status_code != 200

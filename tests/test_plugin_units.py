@@ -264,6 +264,12 @@ def test_saved_valves_load_before_start_despite_machine_checks(tmp_path):
         plugin.load_encoder("sentence-transformers/all-MiniLM-L6-v2", str(missing))
 
 
+def test_routes_reject_huge_text_before_parsing():
+    text = "# " + "x" * plugin.MAX_ROUTES_CHARS
+    with pytest.raises(plugin.InvalidRoutes, match="characters long; at most"):
+        plugin.parse_routes(text)
+
+
 def test_routes_reject_lone_surrogate_and_deep_nesting():
     with pytest.raises(plugin.InvalidRoutes, match="utterance 2 contains half"):
         plugin.parse_routes(

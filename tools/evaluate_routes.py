@@ -204,6 +204,8 @@ def build_routing(
     aggregation: str,
 ) -> Any:
     """Build the plugin's SemanticRouting for these routes and valve values."""
+    # The arguments are new values, so check them as the server checks an update.
+    plugin.STARTED.set()
     try:
         valves = plugin.Valves(
             ROUTES=routes_text,
