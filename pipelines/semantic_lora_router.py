@@ -568,6 +568,12 @@ class Valves(BaseModel):
                 "VLLM_BASE_URL must start with http:// or https:// and name a "
                 "host, for example http://vllm:8000/v1"
             )
+        # Checked on updates only, like the checks below.
+        if STARTED.is_set() and re.search(r"[\s?#]", value):
+            raise ValueError(
+                "VLLM_BASE_URL must not contain spaces, a query (?) or a "
+                "fragment (#), for example http://vllm:8000/v1"
+            )
         if not value.endswith("/v1"):
             value += "/v1"
         return value
@@ -1966,12 +1972,15 @@ class Pipeline:
         metadata = body.get("metadata")
         if isinstance(metadata, dict) and metadata.get("task"):
             # Titles, tags and follow-ups that Open WebUI asks for in the background.
+            self.check_default_served(default)
             return Plan(default, events=[])
 
         if self.routing is None:
             raise RouterUnavailable(f"auto cannot route: {self.routing_error}")
         decision = self.routing.decide(body.get("messages"))
         model = decision.route.target if decision.route else default
+        if model == default:
+            self.check_default_served(default)
         log.info(
             "request %s: target=%s route=%s best=%s:%.3f threshold=%.2f "
             "runner_up=%s:%.3f basis=%s ms=%.1f",
@@ -2024,6 +2033,18 @@ class Pipeline:
         self.metrics.fallback("adapter_missing")
         plan.events = [status_event(plan.note)]
         plan.model, plan.fallback = plan.fallback, None
+
+    def check_default_served(self, default: str) -> None:
+        """Raise a message naming the valve when DEFAULT_MODEL is not served."""
+        if default == self.valves.DEFAULT_MODEL and not self.catalog.serves(
+            default, self.client
+        ):
+            raise UnknownModel(
+                f"DEFAULT_MODEL {default} is not served by vLLM at "
+                f"{self.valves.VLLM_BASE_URL} (it serves "
+                f"{', '.join(self.catalog.names())}); fix the DEFAULT_MODEL valve",
+                404,
+            )
 
     def default_model(self) -> str:
         if self.valves.DEFAULT_MODEL:

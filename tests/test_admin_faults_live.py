@@ -159,3 +159,15 @@ def test_deeply_nested_routes_refused(start_pipelines_server, fake, encoder_dir)
     response = update(server, ROUTES="[" * 3000 + "]" * 3000)
     assert response.status_code != 200
     assert "ROUTES" in response.json()["detail"]
+
+
+def test_default_model_not_served_named(start_pipelines_server, fake, encoder_dir):
+    server = start_pipelines_server(plugin_env(fake.api_base, encoder_dir))
+    assert update(server, DEFAULT_MODEL="gpt-4").status_code == 200
+
+    result = read_stream(server.base_url, {"messages": user("Hello there!")})
+    assert_well_formed(result)
+    assert "DEFAULT_MODEL gpt-4 is not served by vLLM" in result.text, result.text
+    assert "fix the DEFAULT_MODEL valve" in result.text
+    routed = read_stream(server.base_url, {"messages": user(MEDICAL)})
+    assert routed.models == {"doctor"}, routed.text

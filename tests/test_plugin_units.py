@@ -238,6 +238,14 @@ def test_valves_reject_unknown_encoder(started):
         plugin.Valves(ENCODER_MODEL="no-such/model")
 
 
+@pytest.mark.parametrize(
+    "url", ["http://a b:8000/v1", "http://vllm:8000/v1?x=1", "http://vllm/v1#top"]
+)
+def test_valves_reject_base_url_with_space_query_fragment(started, url):
+    with pytest.raises(ValidationError, match="must not contain spaces, a query"):
+        plugin.Valves(VLLM_BASE_URL=url)
+
+
 def test_valves_reject_missing_encoder_folder(started, tmp_path):
     missing = tmp_path / "absent"
     with pytest.raises(ValidationError, match="ENCODER_LOCAL_DIR .* is not a folder"):
