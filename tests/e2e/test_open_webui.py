@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import secrets
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -37,11 +36,9 @@ from livechat import (
 )
 
 from servers import (
-    HOST,
-    OPEN_WEBUI_OFFLINE_ENV,
     PipelinesServer,
     ServerProcess,
-    free_port,
+    start_open_webui,
     start_pipelines,
 )
 
@@ -80,8 +77,6 @@ REPO = Path(__file__).resolve().parents[2]
 PLUGIN_PATH = REPO / "pipelines" / "semantic_lora_router.py"
 DOC_SCREENSHOTS = REPO / "docs" / "screenshots"
 
-# Open WebUI's own start took 17-35 s on a 2-core machine.
-OPENWEBUI_STARTUP_TIMEOUT = 240.0
 # A whole answer of the tiny model (up to vLLM's 512-token context) with the
 # browser rendering it as it streams.
 ANSWER_TIMEOUT_MS = 120_000
@@ -184,29 +179,13 @@ def open_webui(pipelines, tmp_path_factory) -> Iterator[ServerProcess]:
     makes the Admin > Settings > Pipelines page manage its valves.
     """
     data_dir = tmp_path_factory.mktemp("open-webui")
-    port = free_port()
-    env = {
-        **os.environ,
-        **OPEN_WEBUI_OFFLINE_ENV,
+    connection = {
         "ENABLE_OPENAI_API": "true",
-        "DATA_DIR": str(data_dir),
-        "WEBUI_SECRET_KEY": secrets.token_urlsafe(32),
         "OPENAI_API_BASE_URLS": pipelines.base_url,
         "OPENAI_API_KEYS": pipelines.api_key,
     }
-    server = ServerProcess(
-        "Open WebUI",
-        [OPENWEBUI_BIN, "serve", "--host", HOST, "--port", str(port)],
-        port=port,
-        env=env,
-        log_path=data_dir / "open-webui.log",
-        health_path="/health",
-        startup_timeout=OPENWEBUI_STARTUP_TIMEOUT,
-        cwd=data_dir,
-    )
-    server.start()
-    yield server
-    server.stop()
+    with start_open_webui(OPENWEBUI_BIN, data_dir, connection) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")

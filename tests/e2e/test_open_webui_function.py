@@ -7,7 +7,6 @@ and chats with auto through Open WebUI's own chat API.
 
 import json
 import os
-import secrets
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import pytest
 import requests
 from livechat import MATH, MEDICAL, SMALL_TALK, live_valves_env, user
 
-from servers import HOST, OPEN_WEBUI_OFFLINE_ENV, ServerProcess, free_port
+from servers import ServerProcess, start_open_webui
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(480)]
 
@@ -37,29 +36,13 @@ FUNCTION_ID = "semantic_lora_router"
 def open_webui(vllm_server, encoder_dir, tmp_path_factory) -> Iterator[ServerProcess]:
     """Open WebUI whose environment carries the plugin's valve defaults."""
     data_dir = tmp_path_factory.mktemp("open-webui-function")
-    port = free_port()
     env = {
-        **os.environ,
-        **OPEN_WEBUI_OFFLINE_ENV,
         # The Function is the only model source.
         "ENABLE_OPENAI_API": "false",
         **live_valves_env(vllm_server.api_base, encoder_dir),
-        "DATA_DIR": str(data_dir),
-        "WEBUI_SECRET_KEY": secrets.token_urlsafe(32),
     }
-    server = ServerProcess(
-        "Open WebUI",
-        [OPENWEBUI_BIN, "serve", "--host", HOST, "--port", str(port)],
-        port=port,
-        env=env,
-        log_path=data_dir / "open-webui.log",
-        health_path="/health",
-        startup_timeout=240.0,
-        cwd=data_dir,
-    )
-    server.start()
-    yield server
-    server.stop()
+    with start_open_webui(OPENWEBUI_BIN, data_dir, env) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
