@@ -234,7 +234,7 @@ MAX_ROUTES = 64
 MAX_UTTERANCES = 1000
 MAX_UTTERANCE_CHARS = 2000
 # Checked before parsing: PyYAML read about 1.3 MB a second on the test machine,
-# and the Pipelines server answers nothing else while it checks an update.
+# and the Pipelines server handles no other request while it validates an update.
 MAX_ROUTES_CHARS = 2_000_000
 
 
@@ -2035,7 +2035,7 @@ class Pipeline:
         plan.model, plan.fallback = plan.fallback, None
 
     def check_default_served(self, default: str) -> None:
-        """Raise a message naming the valve when DEFAULT_MODEL is not served."""
+        """Raise UnknownModel when vLLM does not serve DEFAULT_MODEL."""
         if default == self.valves.DEFAULT_MODEL and not self.catalog.serves(
             default, self.client
         ):

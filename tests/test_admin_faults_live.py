@@ -52,7 +52,7 @@ def test_pasted_key_from_env_loads(start_pipelines_server, fake, encoder_dir):
     assert "sk-test-1234" not in server.log_path.read_text(errors="replace")
 
 
-def test_pasted_key_update_refused(start_pipelines_server, fake, encoder_dir):
+def test_pasted_key_update_rejected(start_pipelines_server, fake, encoder_dir):
     server = start_pipelines_server(plugin_env(fake.api_base, encoder_dir))
     response = update(server, VLLM_API_KEY=PASTED_KEY)
     assert response.status_code != 200
@@ -141,7 +141,7 @@ def test_chat_during_rebuild_not_held(start_pipelines_server, fake, encoder_dir)
     )
 
 
-def test_lone_surrogate_routes_refused(start_pipelines_server, fake, encoder_dir):
+def test_lone_surrogate_routes_rejected(start_pipelines_server, fake, encoder_dir):
     server = start_pipelines_server(plugin_env(fake.api_base, encoder_dir))
     routes = [
         {"name": "doctor", "utterances": [MEDICAL, "headache \ud83d"]},
@@ -154,7 +154,7 @@ def test_lone_surrogate_routes_refused(start_pipelines_server, fake, encoder_dir
     assert result.models == {"doctor"}, result.text
 
 
-def test_deeply_nested_routes_refused(start_pipelines_server, fake, encoder_dir):
+def test_deeply_nested_routes_rejected(start_pipelines_server, fake, encoder_dir):
     server = start_pipelines_server(plugin_env(fake.api_base, encoder_dir))
     response = update(server, ROUTES="[" * 3000 + "]" * 3000)
     assert response.status_code != 200
